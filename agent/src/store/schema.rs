@@ -1,0 +1,124 @@
+//! The redb tables of the buffer file, and opening/creating it safely.
+//!
+//! Invariants: an existing file is only ever opened, never re-created, so a corrupt or
+//! foreign file is an error that names the path rather than an empty buffer silently
+//! replacing acknowledged data; a new file gets its format marker and a random epoch in
+//! the same transaction that creates its tables.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+
+use super::StoreError;
+
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub const STREAMS: TableDefinition<&str, u16> = TableDefinition::new("streams");
+pub const STREAM_STATE: TableDefinition<u16, &[u8]> = TableDefinition::new("stream_state");
+pub const RECORDS: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("records");
+pub const GAPS: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("gaps");
+
+/// Written once at creation; checked at every open.
+pub const FORMAT: &[u8] = b"edgerelay-buffer/1";
+const KEY_FORMAT: &str = "format";
+const KEY_EPOCH: &str = "epoch";
+
+pub struct Opened {
+    pub db: Database,
+    pub epoch: u64,
+    pub created: bool,
+}
+
+pub fn open(path: &Path, cache_size: usize) -> Result<Opened, StoreError> {
+    let exists = path.exists();
+    let mut builder = Database::builder();
+    builder.set_cache_size(cache_size);
+    let result = if exists {
+        builder.open(path)
+    } else {
+        builder.create(path)
+    };
+    let db = result.map_err(|e| map_open_error(path, e))?;
+    if exists {
+        let epoch = read_meta(&db, path)?;
+        Ok(Opened {
+            db,
+            epoch,
+            created: false,
+        })
+    } else {
+        let epoch = init(&db).map_err(|e| StoreError::Storage {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        Ok(Opened {
+            db,
+            epoch,
+            created: true,
+        })
+    }
+}
+
+fn map_open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    let path = path.to_path_buf();
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path },
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() != std::io::ErrorKind::InvalidData =>
+        {
+            StoreError::Io { path, source: io }
+        }
+        other => StoreError::Corrupt {
+            path,
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn init(db: &Database) -> Result<u64, redb::Error> {
+    let epoch: u64 = rand::random::<u64>() | 1; // never 0, so 0 can mean "unknown" on the wire
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        meta.insert(KEY_FORMAT, FORMAT)?;
+        meta.insert(KEY_EPOCH, epoch.to_le_bytes().as_slice())?;
+        txn.open_table(STREAMS)?;
+        txn.open_table(STREAM_STATE)?;
+        txn.open_table(RECORDS)?;
+        txn.open_table(GAPS)?;
+    }
+    txn.commit()?;
+    Ok(epoch)
+}
+
+fn read_meta(db: &Database, path: &Path) -> Result<u64, StoreError> {
+    let foreign = |detail: &str| StoreError::Foreign {
+        path: PathBuf::from(path),
+        detail: detail.to_owned(),
+    };
+    let txn = db.begin_read().map_err(|e| foreign(&e.to_string()))?;
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Err(foreign("no edgerelay meta table")),
+        Err(e) => return Err(foreign(&e.to_string())),
+    };
+    let format = meta
+        .get(KEY_FORMAT)
+        .map_err(|e| foreign(&e.to_string()))?
+        .ok_or_else(|| foreign("no format marker"))?;
+    if format.value() != FORMAT {
+        return Err(foreign(&format!(
+            "format marker {:?}, expected {:?}",
+            String::from_utf8_lossy(format.value()),
+            String::from_utf8_lossy(FORMAT)
+        )));
+    }
+    let epoch = meta
+        .get(KEY_EPOCH)
+        .map_err(|e| foreign(&e.to_string()))?
+        .ok_or_else(|| foreign("no epoch"))?;
+    let bytes: [u8; 8] = epoch
+        .value()
+        .try_into()
+        .map_err(|_| foreign("epoch is not 8 bytes"))?;
+    Ok(u64::from_le_bytes(bytes))
+}

@@ -1,0 +1,552 @@
+//! The writer thread: the only place that opens redb write transactions.
+//!
+//! It takes requests from a bounded channel and commits them in groups (up to
+//! `commit_max_records` requests, or `commit_linger` after the first, whichever comes
+//! first) in one fsynced transaction; only after the commit succeeds are the replies sent.
+//! Working state (per-stream counters) is copied per transaction and replaced only on a
+//! successful commit, so a failed commit (e.g. ENOSPC) leaves memory and disk agreeing.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
+use tokio::sync::{oneshot, watch};
+
+use super::codec::{self, GapReason, GapValue, StreamState};
+use super::retention::{self, Admission, Head};
+use super::schema::{GAPS, RECORDS, STREAMS, STREAM_STATE};
+use super::{AppendError, Request, StoreError, StoreOptions, StoreStats, StreamId, StreamStats};
+
+/// At most this many records are evicted by age in one transaction, so a huge expired
+/// backlog does not make one commit (and every producer waiting on it) arbitrarily slow.
+const AGE_EVICT_CHUNK: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct StreamEntry {
+    pub name: String,
+    pub state: StreamState,
+    /// The newest gap row of this stream, extended while evictions stay contiguous.
+    pub open_gap: Option<(u64, GapValue)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    pub streams: BTreeMap<u16, StreamEntry>,
+    pub used: u64,
+    pub commits: u64,
+    pub rejected_full: u64,
+}
+
+impl State {
+    pub fn stats(&self, budget: u64) -> StoreStats {
+        StoreStats {
+            streams: self
+                .streams
+                .iter()
+                .map(|(id, s)| StreamStats {
+                    id: StreamId(*id),
+                    name: s.name.clone(),
+                    state: s.state,
+                })
+                .collect(),
+            used_bytes: self.used,
+            budget_bytes: budget,
+            commits: self.commits,
+            rejected_full: self.rejected_full,
+        }
+    }
+}
+
+pub fn load_state(db: &Database, path: &Path) -> Result<State, StoreError> {
+    let err = |e: &dyn std::fmt::Display| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let txn = db.begin_read().map_err(|e| err(&e))?;
+    let names = txn.open_table(STREAMS).map_err(|e| err(&e))?;
+    let states = txn.open_table(STREAM_STATE).map_err(|e| err(&e))?;
+    let gaps = txn.open_table(GAPS).map_err(|e| err(&e))?;
+    let mut state = State::default();
+    for entry in names.iter().map_err(|e| err(&e))? {
+        let (name, id) = entry.map_err(|e| err(&e))?;
+        let id = id.value();
+        let st = match states.get(id).map_err(|e| err(&e))? {
+            Some(v) => StreamState::decode(v.value()).map_err(|e| err(&e))?,
+            None => StreamState::default(),
+        };
+        let open_gap = match gaps
+            .range((id, 0)..=(id, u64::MAX))
+            .map_err(|e| err(&e))?
+            .next_back()
+        {
+            Some(g) => {
+                let (k, v) = g.map_err(|e| err(&e))?;
+                Some((k.value().1, GapValue::decode(v.value()).map_err(|e| err(&e))?))
+            }
+            None => None,
+        };
+        state.used += st.bytes;
+        state.streams.insert(
+            id,
+            StreamEntry {
+                name: name.value().to_owned(),
+                state: st,
+                open_gap,
+            },
+        );
+    }
+    Ok(state)
+}
+
+pub struct Signals {
+    pub committed: watch::Sender<u64>,
+    pub freed: watch::Sender<u64>,
+    pub stats: watch::Sender<Arc<StoreStats>>,
+}
+
+pub struct Writer {
+    db: Arc<Database>,
+    opts: StoreOptions,
+    state: State,
+    rx: flume::Receiver<Request>,
+    signals: Signals,
+    scratch: Vec<u8>,
+}
+
+/// A reply held back until the transaction that decides it has committed.
+enum Reply {
+    Stream(oneshot::Sender<Result<StreamId, StoreError>>, Result<StreamId, StoreError>),
+    Append(oneshot::Sender<Result<u64, AppendError>>, Result<u64, AppendError>),
+    Ack(Option<oneshot::Sender<Result<(), AppendError>>>),
+    Maintain(oneshot::Sender<()>),
+}
+
+impl Reply {
+    fn send(self) {
+        match self {
+            Reply::Stream(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Reply::Append(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Reply::Ack(Some(tx)) => {
+                let _ = tx.send(Ok(()));
+            }
+            Reply::Ack(None) => {}
+            Reply::Maintain(tx) => {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// The transaction failed: nothing in it is durable.
+    fn fail(self, detail: &str) {
+        match self {
+            Reply::Stream(tx, _) => {
+                let _ = tx.send(Err(StoreError::Storage {
+                    path: Default::default(),
+                    detail: detail.to_owned(),
+                }));
+            }
+            Reply::Append(tx, _) => {
+                let _ = tx.send(Err(AppendError::Storage(detail.to_owned())));
+            }
+            Reply::Ack(Some(tx)) => {
+                let _ = tx.send(Err(AppendError::Storage(detail.to_owned())));
+            }
+            Reply::Ack(None) => {}
+            Reply::Maintain(tx) => {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// What one transaction changed, to decide which signals to raise.
+#[derive(Default)]
+struct Effects {
+    appended: bool,
+    freed: bool,
+    touched: Vec<u16>,
+    more_age_work: bool,
+}
+
+impl Writer {
+    pub fn new(
+        db: Arc<Database>,
+        opts: StoreOptions,
+        state: State,
+        rx: flume::Receiver<Request>,
+        signals: Signals,
+    ) -> Self {
+        Self {
+            db,
+            opts,
+            state,
+            rx,
+            signals,
+            scratch: Vec::with_capacity(1024),
+        }
+    }
+
+    pub fn run(mut self) {
+        let mut next_maintenance = Instant::now() + self.opts.maintenance_interval;
+        let mut shutting_down = false;
+        loop {
+            let first = if shutting_down {
+                match self.rx.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
+            } else {
+                match self.rx.recv_deadline(next_maintenance) {
+                    Ok(r) => r,
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        let more = self.commit(Vec::new(), true);
+                        next_maintenance = if more {
+                            Instant::now()
+                        } else {
+                            Instant::now() + self.opts.maintenance_interval
+                        };
+                        continue;
+                    }
+                    Err(flume::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            let mut batch = Vec::with_capacity(64);
+            let mut age_now = false;
+            match first {
+                Request::Shutdown => {
+                    shutting_down = true;
+                    continue;
+                }
+                r => batch.push(r),
+            }
+            let linger_until = Instant::now() + self.opts.commit_linger;
+            while batch.len() < self.opts.commit_max_records {
+                let next = if shutting_down {
+                    self.rx.try_recv().ok()
+                } else {
+                    match self.rx.try_recv() {
+                        Ok(r) => Some(r),
+                        Err(_) => self.rx.recv_deadline(linger_until).ok(),
+                    }
+                };
+                match next {
+                    Some(Request::Shutdown) => shutting_down = true,
+                    Some(Request::Maintain { reply }) => {
+                        age_now = true;
+                        batch.push(Request::Maintain { reply });
+                    }
+                    Some(r) => batch.push(r),
+                    None => break,
+                }
+            }
+            if matches!(batch.first(), Some(Request::Maintain { .. })) {
+                age_now = true;
+            }
+            self.commit(batch, age_now);
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    /// Apply `batch` (and age retention when `age` is set) in one transaction.
+    /// Returns whether more expired records remain.
+    fn commit(&mut self, batch: Vec<Request>, age: bool) -> bool {
+        let mut work = self.state.clone();
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut effects = Effects::default();
+        let result = (|| -> Result<WriteTransaction, redb::Error> {
+            let txn = self.db.begin_write()?;
+            {
+                let mut tables = Tables {
+                    records: txn.open_table(RECORDS)?,
+                    gaps: txn.open_table(GAPS)?,
+                    streams: txn.open_table(STREAMS)?,
+                };
+                for req in batch {
+                    let reply = self.apply(&mut work, &mut tables, req, &mut effects)?;
+                    replies.push(reply);
+                }
+                if age {
+                    effects.more_age_work = self.evict_by_age(&mut work, &mut tables, &mut effects)?;
+                }
+                let mut states = txn.open_table(STREAM_STATE)?;
+                effects.touched.sort_unstable();
+                effects.touched.dedup();
+                for id in &effects.touched {
+                    if let Some(s) = work.streams.get(id) {
+                        states.insert(*id, s.state.encode().as_slice())?;
+                    }
+                }
+            }
+            Ok(txn)
+        })()
+        .and_then(|txn| {
+            if effects.touched.is_empty() {
+                // Nothing changed: skip the fsync.
+                txn.abort()?;
+            } else {
+                txn.commit()?;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                work.commits += u64::from(!effects.touched.is_empty());
+                self.state = work;
+                if effects.appended {
+                    self.signals.committed.send_modify(|g| *g += 1);
+                }
+                if effects.freed {
+                    self.signals.freed.send_modify(|g| *g += 1);
+                }
+                if !effects.touched.is_empty() {
+                    let _ = self
+                        .signals
+                        .stats
+                        .send(Arc::new(self.state.stats(self.opts.budget.data_bytes)));
+                }
+                // Signals first, so a producer that sees its reply also sees the new stats.
+                for r in replies {
+                    r.send();
+                }
+                effects.more_age_work
+            }
+            Err(e) => {
+                let detail = e.to_string();
+                tracing::error!(error = %detail, path = %self.opts.path.display(), "buffer commit failed; nothing in it was acknowledged");
+                for r in replies {
+                    r.fail(&detail);
+                }
+                false
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        work: &mut State,
+        t: &mut Tables<'_>,
+        req: Request,
+        fx: &mut Effects,
+    ) -> Result<Reply, redb::Error> {
+        Ok(match req {
+            Request::Stream { name, reply } => {
+                let existing = t.streams.get(name.as_str())?.map(|v| v.value());
+                let res = match existing {
+                    Some(id) => Ok(StreamId(id)),
+                    None => {
+                        let next = work.streams.keys().next_back().map_or(Some(0), |k| k.checked_add(1));
+                        match next {
+                            None => Err(StoreError::TooManyStreams),
+                            Some(id) => {
+                                t.streams.insert(name.as_str(), id)?;
+                                work.streams.insert(
+                                    id,
+                                    StreamEntry {
+                                        name,
+                                        state: StreamState::default(),
+                                        open_gap: None,
+                                    },
+                                );
+                                fx.touched.push(id);
+                                Ok(StreamId(id))
+                            }
+                        }
+                    }
+                };
+                Reply::Stream(reply, res)
+            }
+            Request::Append { stream, record, reply } => {
+                let res = self.append(work, t, stream, &record, fx)?;
+                Reply::Append(reply, res)
+            }
+            Request::Ack { stream, seqs, reply } => {
+                for seq in seqs {
+                    let removed = t.records.remove((stream.0, seq))?.map(|v| v.value().len());
+                    if let Some(len) = removed {
+                        let cost = retention::entry_cost(len);
+                        if let Some(s) = work.streams.get_mut(&stream.0) {
+                            s.state.count = s.state.count.saturating_sub(1);
+                            s.state.bytes = s.state.bytes.saturating_sub(cost);
+                        }
+                        work.used = work.used.saturating_sub(cost);
+                        fx.freed = true;
+                        fx.touched.push(stream.0);
+                    }
+                }
+                Reply::Ack(reply)
+            }
+            Request::Maintain { reply } => Reply::Maintain(reply),
+            // Handled by the loop; never reaches a batch.
+            Request::Shutdown => Reply::Ack(None),
+        })
+    }
+
+    fn append(
+        &mut self,
+        work: &mut State,
+        t: &mut Tables<'_>,
+        stream: StreamId,
+        record: &crate::record::Record,
+        fx: &mut Effects,
+    ) -> Result<Result<u64, AppendError>, redb::Error> {
+        if !work.streams.contains_key(&stream.0) {
+            return Ok(Err(AppendError::Storage(format!("unknown stream id {}", stream.0))));
+        }
+        let cost = retention::entry_cost(codec::encoded_len(record));
+        match retention::admit(work.used, cost, &self.opts.budget) {
+            Admission::Fits => {}
+            Admission::EvictThenFits(n) => self.evict_bytes(work, t, n, fx)?,
+            Admission::RejectFull => {
+                work.rejected_full += 1;
+                return Ok(Err(AppendError::Full));
+            }
+            Admission::RejectTooLarge => {
+                return Ok(Err(AppendError::TooLarge {
+                    cost,
+                    budget: self.opts.budget.data_bytes,
+                }))
+            }
+        }
+        codec::encode_record(record, &mut self.scratch);
+        let Some(s) = work.streams.get_mut(&stream.0) else {
+            return Ok(Err(AppendError::Storage(format!("unknown stream id {}", stream.0))));
+        };
+        let seq = s.state.next_seq;
+        t.records.insert((stream.0, seq), self.scratch.as_slice())?;
+        s.state.next_seq += 1;
+        s.state.count += 1;
+        s.state.bytes += cost;
+        work.used += cost;
+        fx.appended = true;
+        fx.touched.push(stream.0);
+        Ok(Ok(seq))
+    }
+
+    /// Evict globally-oldest records until at least `need` bytes are freed.
+    fn evict_bytes(
+        &mut self,
+        work: &mut State,
+        t: &mut Tables<'_>,
+        need: u64,
+        fx: &mut Effects,
+    ) -> Result<(), redb::Error> {
+        let mut freed = 0u64;
+        while freed < need {
+            let mut heads = Vec::with_capacity(work.streams.len());
+            for (id, s) in &work.streams {
+                if s.state.count == 0 {
+                    continue;
+                }
+                if let Some(entry) = t.records.range((*id, 0)..=(*id, u64::MAX))?.next() {
+                    let (_, v) = entry?;
+                    heads.push(Head {
+                        stream: *id,
+                        ts_ms: codec::peek_ts(v.value()).unwrap_or(0),
+                    });
+                }
+            }
+            let Some(victim) = retention::oldest_head(&heads) else {
+                break;
+            };
+            freed += self.evict_head(work, t, victim, GapReason::MaxSize, fx)?;
+        }
+        Ok(())
+    }
+
+    /// Evict records older than max_age from every stream's head; true if more remain.
+    fn evict_by_age(
+        &mut self,
+        work: &mut State,
+        t: &mut Tables<'_>,
+        fx: &mut Effects,
+    ) -> Result<bool, redb::Error> {
+        let cutoff = retention::age_cutoff(
+            (self.opts.clock)(),
+            u64::try_from(self.opts.max_age.as_millis()).unwrap_or(u64::MAX),
+        );
+        let ids: Vec<u16> = work.streams.keys().copied().collect();
+        let mut evicted = 0usize;
+        for id in ids {
+            loop {
+                if evicted >= AGE_EVICT_CHUNK {
+                    return Ok(true);
+                }
+                let expired = match t.records.range((id, 0)..=(id, u64::MAX))?.next() {
+                    Some(entry) => {
+                        let (_, v) = entry?;
+                        codec::peek_ts(v.value()).unwrap_or(0) < cutoff
+                    }
+                    None => false,
+                };
+                if !expired {
+                    break;
+                }
+                self.evict_head(work, t, id, GapReason::MaxAge, fx)?;
+                evicted += 1;
+            }
+        }
+        Ok(false)
+    }
+
+    /// Remove the head record of `stream`, account for it and record the gap. Returns the
+    /// bytes freed.
+    fn evict_head(
+        &mut self,
+        work: &mut State,
+        t: &mut Tables<'_>,
+        stream: u16,
+        reason: GapReason,
+        fx: &mut Effects,
+    ) -> Result<u64, redb::Error> {
+        let head = match t.records.range((stream, 0)..=(stream, u64::MAX))?.next() {
+            Some(entry) => {
+                let (k, v) = entry?;
+                Some((k.value().1, v.value().len()))
+            }
+            None => None,
+        };
+        let Some((seq, len)) = head else {
+            return Ok(0);
+        };
+        t.records.remove((stream, seq))?;
+        let cost = retention::entry_cost(len);
+        work.used = work.used.saturating_sub(cost);
+        fx.freed = true;
+        fx.touched.push(stream);
+        if let Some(s) = work.streams.get_mut(&stream) {
+            s.state.count = s.state.count.saturating_sub(1);
+            s.state.bytes = s.state.bytes.saturating_sub(cost);
+            s.state.evicted += 1;
+            let gap = match s.open_gap {
+                Some((first, mut g)) if g.last.checked_add(1) == Some(seq) && g.reason == reason => {
+                    g.last = seq;
+                    g.count += 1;
+                    (first, g)
+                }
+                _ => (
+                    seq,
+                    GapValue {
+                        last: seq,
+                        count: 1,
+                        reason,
+                    },
+                ),
+            };
+            t.gaps.insert((stream, gap.0), gap.1.encode().as_slice())?;
+            s.open_gap = Some(gap);
+        }
+        Ok(cost)
+    }
+}
+
+struct Tables<'txn> {
+    records: Table<'txn, (u16, u64), &'static [u8]>,
+    gaps: Table<'txn, (u16, u64), &'static [u8]>,
+    streams: Table<'txn, &'static str, u16>,
+}
