@@ -1,8 +1,96 @@
 //! edgerelay: a store-and-forward relay agent for edge gateways.
 //!
 //! Data flow (the module tree follows it):
-//! `ingest` (sockets, MQTT) → `store` (redb, group commit) → `uplink` (MQTT to the
-//! central broker), configured by `config`. `record` is the unit that flows through.
+//! `ingest` (sockets) → `store` (redb, group commit) → `uplink` (MQTT to the central
+//! broker), configured by `config`; `record` is the unit that flows through.
+//!
+//! `run` wires them together and owns shutdown order: stop ingest (so nothing new is
+//! accepted), let the uplink finish what is in flight, then commit and close the store.
 
+pub mod config;
+pub mod ingest;
 pub mod record;
 pub mod store;
+pub mod uplink;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::ingest::socket::SocketIngest;
+use crate::store::{Budget, Store, StoreOptions};
+
+/// Name of the stream every record goes to until policies assign streams.
+pub const DEFAULT_STREAM: &str = "default";
+/// File name of the buffer inside `data_dir`.
+pub const BUFFER_FILE: &str = "buffer.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Ingest(#[from] ingest::IngestError),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// Store options for a validated config.
+pub fn store_options(config: &Config) -> StoreOptions {
+    let b = &config.buffer;
+    let mut o = StoreOptions::new(
+        config.agent.data_dir.join(BUFFER_FILE),
+        b.max_size,
+        b.when_full,
+    );
+    o.budget = Budget::from_max_size(b.max_size, b.when_full);
+    o.max_age = b.max_age;
+    o.commit_max_records = b.commit_max_records.get();
+    o.commit_linger = b.commit_linger;
+    o.cache_size = usize::try_from(b.cache_size).unwrap_or(usize::MAX);
+    o
+}
+
+/// Run the agent until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let opts = store_options(&config);
+    // Opening may repair the file after a crash: blocking work, off the executor.
+    let (store, store_thread) = tokio::task::spawn_blocking(move || Store::open(opts))
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))??;
+    let stream = store.stream(DEFAULT_STREAM).await?;
+
+    let mut sockets = Vec::with_capacity(config.sockets.len());
+    for sc in config.sockets {
+        sockets.push(SocketIngest::bind(sc, store.clone(), stream).await?);
+    }
+    let ingest_cancel = CancellationToken::new();
+    let ingest = TaskTracker::new();
+    for s in sockets {
+        let (tracker, cancel) = (ingest.clone(), ingest_cancel.clone());
+        ingest.spawn(s.run(tracker, cancel));
+    }
+    ingest.close();
+
+    let uplink_cancel = CancellationToken::new();
+    let uplink = tokio::spawn(
+        uplink::Passthrough::new(config.upstream, store.clone(), stream).run(uplink_cancel.clone()),
+    );
+
+    tracing::info!(gateway_id = %config.agent.gateway_id, epoch = store.epoch(), "edgerelay ready");
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: stopping ingest");
+
+    ingest_cancel.cancel();
+    ingest.wait().await;
+    uplink_cancel.cancel();
+    if let Err(e) = uplink.await {
+        tracing::error!(error = %e, "uplink task failed");
+    }
+    drop(store);
+    tokio::task::spawn_blocking(move || store_thread.close())
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,1 +1,121 @@
-fn main(){}
+//! The `edgerelay` binary: parse the CLI, load config, start tracing, run, and map
+//! errors to exit codes (0 ok, 1 runtime failure, 2 invalid configuration).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edgerelay::config::{Config, ConfigError};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "edgerelay",
+    version,
+    about = "Store-and-forward MQTT relay for edge gateways"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file: print every error with its key, or the effective config.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}", c.render());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failure(e),
+        },
+        Command::Run { config } => {
+            init_tracing();
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_failure(e),
+            };
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("edgerelay: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn config_failure(e: ConfigError) -> ExitCode {
+    eprintln!("edgerelay: {e}");
+    ExitCode::from(2)
+}
+
+/// Log filter from EDGERELAY_LOG (tracing's EnvFilter syntax), default "info".
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGERELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    // Small gateways: two workers are plenty for I/O-bound relaying, and bound the
+    // blocking pool (store reads) so memory stays predictable.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = wait_for_signal().await {
+                tracing::error!(error = %e, "cannot install signal handlers");
+                return;
+            }
+            signals.cancel();
+            // A second signal means "now": everything acknowledged is already on disk.
+            if wait_for_signal().await.is_ok() {
+                tracing::warn!("second signal: exiting immediately");
+                std::process::exit(130);
+            }
+        });
+        edgerelay::run(config, shutdown)
+            .await
+            .context("edgerelay stopped on an error")
+    })
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

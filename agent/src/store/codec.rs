@@ -211,7 +211,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn rec(topic: String, payload: Vec<u8>, qos: u8, retain: bool, ts: u64, name: String) -> Record {
+    fn rec(
+        topic: String,
+        payload: Vec<u8>,
+        qos: u8,
+        retain: bool,
+        ts: u64,
+        name: String,
+    ) -> Record {
         Record {
             topic,
             payload: Bytes::from(payload),
@@ -256,9 +263,18 @@ mod tests {
 
     #[test]
     fn stream_state_and_gap_round_trip() {
-        let s = StreamState { next_seq: 9, count: 3, bytes: 1234, evicted: 5 };
+        let s = StreamState {
+            next_seq: 9,
+            count: 3,
+            bytes: 1234,
+            evicted: 5,
+        };
         assert_eq!(StreamState::decode(&s.encode()), Ok(s));
-        let g = GapValue { last: 44, count: 10, reason: GapReason::MaxAge };
+        let g = GapValue {
+            last: 44,
+            count: 10,
+            reason: GapReason::MaxAge,
+        };
         assert_eq!(GapValue::decode(&g.encode()), Ok(g));
     }
 }

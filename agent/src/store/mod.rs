@@ -109,7 +109,11 @@ pub enum StoreError {
     #[error("buffer file {path}: {detail}")]
     Storage { path: PathBuf, detail: String },
     #[error("corrupt record in buffer stream {stream} seq {seq}: {detail}")]
-    CorruptRecord { stream: u16, seq: u64, detail: String },
+    CorruptRecord {
+        stream: u16,
+        seq: u64,
+        detail: String,
+    },
     #[error("the store is closed")]
     Closed,
     #[error("too many streams (at most 65535)")]
@@ -472,9 +476,11 @@ impl Store {
         max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, StoreError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.read_blocking(stream, after, max_records, max_bytes))
-            .await
-            .map_err(|_| StoreError::Closed)?
+        tokio::task::spawn_blocking(move || {
+            this.read_blocking(stream, after, max_records, max_bytes)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
     }
 
     pub fn read_blocking(
@@ -502,11 +508,12 @@ impl Store {
         {
             let (k, v) = entry.map_err(|e| storage(&e))?;
             let (_, seq) = k.value();
-            let record = codec::decode_record(v.value()).map_err(|e| StoreError::CorruptRecord {
-                stream: stream.0,
-                seq,
-                detail: e.to_string(),
-            })?;
+            let record =
+                codec::decode_record(v.value()).map_err(|e| StoreError::CorruptRecord {
+                    stream: stream.0,
+                    seq,
+                    detail: e.to_string(),
+                })?;
             bytes += record.payload.len() + record.topic.len();
             out.push(StoredRecord { seq, record });
             if out.len() >= max_records || bytes >= max_bytes {

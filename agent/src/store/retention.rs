@@ -98,7 +98,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn budget(bytes: u64, when_full: WhenFull) -> Budget {
-        Budget { data_bytes: bytes, when_full }
+        Budget {
+            data_bytes: bytes,
+            when_full,
+        }
     }
 
     #[test]
@@ -125,9 +128,18 @@ mod tests {
     #[test]
     fn oldest_head_breaks_ties_by_stream() {
         let heads = [
-            Head { stream: 3, ts_ms: 10 },
-            Head { stream: 1, ts_ms: 10 },
-            Head { stream: 2, ts_ms: 11 },
+            Head {
+                stream: 3,
+                ts_ms: 10,
+            },
+            Head {
+                stream: 1,
+                ts_ms: 10,
+            },
+            Head {
+                stream: 2,
+                ts_ms: 11,
+            },
         ];
         assert_eq!(oldest_head(&heads), Some(1));
         assert_eq!(oldest_head(&[]), None);

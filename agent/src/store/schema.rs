@@ -98,7 +98,9 @@ fn read_meta(db: &Database, path: &Path) -> Result<u64, StoreError> {
     let txn = db.begin_read().map_err(|e| foreign(&e.to_string()))?;
     let meta = match txn.open_table(META) {
         Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Err(foreign("no edgerelay meta table")),
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            return Err(foreign("no edgerelay meta table"))
+        }
         Err(e) => return Err(foreign(&e.to_string())),
     };
     let format = meta

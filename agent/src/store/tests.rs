@@ -28,7 +28,12 @@ fn record(topic: &str, payload_len: usize, ts: u64, fill: u8) -> Record {
     }
 }
 
-fn options(dir: &std::path::Path, max_size: u64, when_full: WhenFull, clock: Arc<AtomicU64>) -> StoreOptions {
+fn options(
+    dir: &std::path::Path,
+    max_size: u64,
+    when_full: WhenFull,
+    clock: Arc<AtomicU64>,
+) -> StoreOptions {
     let mut o = StoreOptions::new(dir.join("buffer.redb"), max_size, when_full);
     o.max_age = Duration::from_millis(1_000);
     o.commit_linger = Duration::ZERO;
@@ -39,10 +44,23 @@ fn options(dir: &std::path::Path, max_size: u64, when_full: WhenFull, clock: Arc
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { stream: usize, len: usize, dt: u64 },
-    Read { stream: usize, skip: usize },
-    Ack { stream: usize, picks: Vec<usize>, bogus: bool },
-    Age { advance: u64 },
+    Append {
+        stream: usize,
+        len: usize,
+        dt: u64,
+    },
+    Read {
+        stream: usize,
+        skip: usize,
+    },
+    Ack {
+        stream: usize,
+        picks: Vec<usize>,
+        bogus: bool,
+    },
+    Age {
+        advance: u64,
+    },
     Reopen,
 }
 
@@ -84,7 +102,10 @@ impl Model {
     fn append(&mut self, s: usize, r: Record, budget: &Budget) -> Result<u64, AppendError> {
         let c = Self::cost(&r);
         if c > budget.data_bytes {
-            return Err(AppendError::TooLarge { cost: c, budget: budget.data_bytes });
+            return Err(AppendError::TooLarge {
+                cost: c,
+                budget: budget.data_bytes,
+            });
         }
         if self.used + c > budget.data_bytes {
             if budget.when_full == WhenFull::RejectNew {
@@ -110,8 +131,13 @@ impl Model {
 
 fn check_against_model(store: &Store, ids: &[StreamId; 3], model: &Model) {
     for (i, id) in ids.iter().enumerate() {
-        let got = store.read_blocking(*id, None, usize::MAX, usize::MAX).expect("read");
-        let want: Vec<(u64, Record)> = model.streams[i].iter().map(|(k, v)| (*k, v.clone())).collect();
+        let got = store
+            .read_blocking(*id, None, usize::MAX, usize::MAX)
+            .expect("read");
+        let want: Vec<(u64, Record)> = model.streams[i]
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
         let got: Vec<(u64, Record)> = got.into_iter().map(|r| (r.seq, r.record)).collect();
         assert_eq!(got, want, "stream {i} contents");
     }
@@ -131,7 +157,11 @@ fn check_against_model(store: &Store, ids: &[StreamId; 3], model: &Model) {
         let mut want = model.evicted[i].clone();
         want.sort();
         assert_eq!(covered, want, "gaps of stream {i}");
-        let st = stats.streams.iter().find(|s| s.id == *id).expect("stream stats");
+        let st = stats
+            .streams
+            .iter()
+            .find(|s| s.id == *id)
+            .expect("stream stats");
         assert_eq!(st.state.evicted, model.evicted[i].len() as u64);
         assert_eq!(st.state.count, model.streams[i].len() as u64);
         assert_eq!(st.state.next_seq, model.next_seq[i]);
@@ -154,12 +184,17 @@ fn run_model(ops: Vec<Op>, max_size: u64, when_full: WhenFull) {
                 ts += dt;
                 let r = record(&format!("t/{stream}/{n}"), len, ts, n as u8);
                 let want = model.append(stream, r.clone(), &budget);
-                let got = store.submit_blocking(ids[stream], r).expect("submit").blocking_wait();
+                let got = store
+                    .submit_blocking(ids[stream], r)
+                    .expect("submit")
+                    .blocking_wait();
                 assert_eq!(got, want, "append #{n}");
             }
             Op::Read { stream, skip } => {
                 let after = model.streams[stream].keys().nth(skip).copied();
-                let got = store.read_blocking(ids[stream], after, 3, usize::MAX).expect("read");
+                let got = store
+                    .read_blocking(ids[stream], after, 3, usize::MAX)
+                    .expect("read");
                 let want: Vec<u64> = model.streams[stream]
                     .keys()
                     .filter(|k| after.is_none_or(|a| **k > a))
@@ -168,9 +203,14 @@ fn run_model(ops: Vec<Op>, max_size: u64, when_full: WhenFull) {
                     .collect();
                 assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), want);
             }
-            Op::Ack { stream, picks, bogus } => {
+            Op::Ack {
+                stream,
+                picks,
+                bogus,
+            } => {
                 let keys: Vec<u64> = model.streams[stream].keys().copied().collect();
-                let mut seqs: Vec<u64> = picks.iter().filter_map(|p| keys.get(*p).copied()).collect();
+                let mut seqs: Vec<u64> =
+                    picks.iter().filter_map(|p| keys.get(*p).copied()).collect();
                 if bogus {
                     seqs.push(model.next_seq[stream] + 1000);
                 }
@@ -185,7 +225,11 @@ fn run_model(ops: Vec<Op>, max_size: u64, when_full: WhenFull) {
                 let now = clock.fetch_add(advance, Ordering::SeqCst) + advance;
                 let cutoff = now.saturating_sub(1_000);
                 for s in 0..3 {
-                    while model.streams[s].values().next().is_some_and(|r| r.ts_ms < cutoff) {
+                    while model.streams[s]
+                        .values()
+                        .next()
+                        .is_some_and(|r| r.ts_ms < cutoff)
+                    {
                         model.evict_head(s, GapReason::MaxAge);
                     }
                 }
@@ -198,7 +242,8 @@ fn run_model(ops: Vec<Op>, max_size: u64, when_full: WhenFull) {
                 assert_eq!(s.epoch(), epoch, "epoch survives reopen");
                 store = s;
                 thread = t;
-                let again = [0, 1, 2].map(|i| store.stream_blocking(&format!("s{i}")).expect("stream"));
+                let again =
+                    [0, 1, 2].map(|i| store.stream_blocking(&format!("s{i}")).expect("stream"));
                 assert_eq!(again, ids, "stream ids survive reopen");
             }
         }
@@ -240,11 +285,23 @@ fn garbage_file_is_corrupt_not_replaced() {
     let path = dir.path().join("buffer.redb");
     let garbage = vec![0x5Au8; 64 * 1024];
     std::fs::write(&path, &garbage).expect("write");
-    let opts = options(dir.path(), 1 << 20, WhenFull::DropOldest, Arc::new(AtomicU64::new(0)));
+    let opts = options(
+        dir.path(),
+        1 << 20,
+        WhenFull::DropOldest,
+        Arc::new(AtomicU64::new(0)),
+    );
     let err = Store::open(opts).expect_err("garbage must not open");
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
-    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
-    assert_eq!(std::fs::read(&path).expect("read"), garbage, "file left untouched");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        garbage,
+        "file left untouched"
+    );
 }
 
 #[test]
@@ -261,7 +318,12 @@ fn foreign_redb_file_is_refused() {
         }
         txn.commit().expect("commit");
     }
-    let opts = options(dir.path(), 1 << 20, WhenFull::DropOldest, Arc::new(AtomicU64::new(0)));
+    let opts = options(
+        dir.path(),
+        1 << 20,
+        WhenFull::DropOldest,
+        Arc::new(AtomicU64::new(0)),
+    );
     let err = Store::open(opts).expect_err("foreign must not open");
     assert!(matches!(err, StoreError::Foreign { .. }), "{err:?}");
 }
@@ -269,18 +331,33 @@ fn foreign_redb_file_is_refused() {
 #[test]
 fn seqs_never_repeat_after_everything_is_acked() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let opts = options(dir.path(), 1 << 20, WhenFull::DropOldest, Arc::new(AtomicU64::new(0)));
+    let opts = options(
+        dir.path(),
+        1 << 20,
+        WhenFull::DropOldest,
+        Arc::new(AtomicU64::new(0)),
+    );
     let (store, thread) = Store::open(opts.clone()).expect("open");
     let s = store.stream_blocking("a").expect("stream");
     let seqs: Vec<u64> = (0..5)
-        .map(|i| store.submit_blocking(s, record("t", 10, i, 0)).expect("submit").blocking_wait().expect("append"))
+        .map(|i| {
+            store
+                .submit_blocking(s, record("t", 10, i, 0))
+                .expect("submit")
+                .blocking_wait()
+                .expect("append")
+        })
         .collect();
     store.ack_blocking(s, seqs).expect("ack");
     drop(store);
     thread.close();
     let (store, thread) = Store::open(opts).expect("reopen");
     let s = store.stream_blocking("a").expect("stream");
-    let next = store.submit_blocking(s, record("t", 10, 9, 0)).expect("submit").blocking_wait().expect("append");
+    let next = store
+        .submit_blocking(s, record("t", 10, 9, 0))
+        .expect("submit")
+        .blocking_wait()
+        .expect("append");
     assert_eq!(next, 5);
     drop(store);
     thread.close();
@@ -294,7 +371,12 @@ fn file_stays_within_max_size() {
     // redb allocates in regions, so below ~32 MiB its fixed overhead dominates; config
     // enforces MIN_MAX_SIZE for that reason.
     let max_size = super::MIN_MAX_SIZE;
-    let mut opts = options(dir.path(), max_size, WhenFull::DropOldest, Arc::new(AtomicU64::new(0)));
+    let mut opts = options(
+        dir.path(),
+        max_size,
+        WhenFull::DropOldest,
+        Arc::new(AtomicU64::new(0)),
+    );
     opts.commit_linger = Duration::from_millis(1);
     let (store, thread) = Store::open(opts.clone()).expect("open");
     let s = store.stream_blocking("a").expect("stream");
@@ -302,9 +384,16 @@ fn file_stays_within_max_size() {
     let mut pending = Vec::new();
     let mut max_len = 0;
     for i in 0..total {
-        pending.push(store.submit_blocking(s, record("sensors/x", 200, i, 1)).expect("submit"));
+        pending.push(
+            store
+                .submit_blocking(s, record("sensors/x", 200, i, 1))
+                .expect("submit"),
+        );
         if pending.len() == 1024 {
-            let seqs: Vec<u64> = pending.drain(..).map(|p| p.blocking_wait().expect("append")).collect();
+            let seqs: Vec<u64> = pending
+                .drain(..)
+                .map(|p| p.blocking_wait().expect("append"))
+                .collect();
             if i % 3 == 0 {
                 store.ack_blocking(s, seqs[..256].to_vec()).expect("ack");
             }
@@ -315,10 +404,15 @@ fn file_stays_within_max_size() {
         p.blocking_wait().expect("append");
     }
     let stats = store.stats();
-    assert!(stats.streams[0].state.evicted > 0, "budget was exceeded, so records were evicted");
+    assert!(
+        stats.streams[0].state.evicted > 0,
+        "budget was exceeded, so records were evicted"
+    );
     max_len = max_len.max(std::fs::metadata(&opts.path).expect("meta").len());
-    assert!(max_len <= max_size, "file grew to {max_len} > max_size {max_size}");
+    assert!(
+        max_len <= max_size,
+        "file grew to {max_len} > max_size {max_size}"
+    );
     drop(store);
     thread.close();
 }
-

@@ -83,7 +83,10 @@ pub fn load_state(db: &Database, path: &Path) -> Result<State, StoreError> {
         {
             Some(g) => {
                 let (k, v) = g.map_err(|e| err(&e))?;
-                Some((k.value().1, GapValue::decode(v.value()).map_err(|e| err(&e))?))
+                Some((
+                    k.value().1,
+                    GapValue::decode(v.value()).map_err(|e| err(&e))?,
+                ))
             }
             None => None,
         };
@@ -117,8 +120,14 @@ pub struct Writer {
 
 /// A reply held back until the transaction that decides it has committed.
 enum Reply {
-    Stream(oneshot::Sender<Result<StreamId, StoreError>>, Result<StreamId, StoreError>),
-    Append(oneshot::Sender<Result<u64, AppendError>>, Result<u64, AppendError>),
+    Stream(
+        oneshot::Sender<Result<StreamId, StoreError>>,
+        Result<StreamId, StoreError>,
+    ),
+    Append(
+        oneshot::Sender<Result<u64, AppendError>>,
+        Result<u64, AppendError>,
+    ),
     Ack(Option<oneshot::Sender<Result<(), AppendError>>>),
     Maintain(oneshot::Sender<()>),
 }
@@ -272,7 +281,8 @@ impl Writer {
                     replies.push(reply);
                 }
                 if age {
-                    effects.more_age_work = self.evict_by_age(&mut work, &mut tables, &mut effects)?;
+                    effects.more_age_work =
+                        self.evict_by_age(&mut work, &mut tables, &mut effects)?;
                 }
                 let mut states = txn.open_table(STREAM_STATE)?;
                 effects.touched.sort_unstable();
@@ -340,7 +350,11 @@ impl Writer {
                 let res = match existing {
                     Some(id) => Ok(StreamId(id)),
                     None => {
-                        let next = work.streams.keys().next_back().map_or(Some(0), |k| k.checked_add(1));
+                        let next = work
+                            .streams
+                            .keys()
+                            .next_back()
+                            .map_or(Some(0), |k| k.checked_add(1));
                         match next {
                             None => Err(StoreError::TooManyStreams),
                             Some(id) => {
@@ -361,11 +375,19 @@ impl Writer {
                 };
                 Reply::Stream(reply, res)
             }
-            Request::Append { stream, record, reply } => {
+            Request::Append {
+                stream,
+                record,
+                reply,
+            } => {
                 let res = self.append(work, t, stream, &record, fx)?;
                 Reply::Append(reply, res)
             }
-            Request::Ack { stream, seqs, reply } => {
+            Request::Ack {
+                stream,
+                seqs,
+                reply,
+            } => {
                 for seq in seqs {
                     let removed = t.records.remove((stream.0, seq))?.map(|v| v.value().len());
                     if let Some(len) = removed {
@@ -396,7 +418,10 @@ impl Writer {
         fx: &mut Effects,
     ) -> Result<Result<u64, AppendError>, redb::Error> {
         if !work.streams.contains_key(&stream.0) {
-            return Ok(Err(AppendError::Storage(format!("unknown stream id {}", stream.0))));
+            return Ok(Err(AppendError::Storage(format!(
+                "unknown stream id {}",
+                stream.0
+            ))));
         }
         let cost = retention::entry_cost(codec::encoded_len(record));
         match retention::admit(work.used, cost, &self.opts.budget) {
@@ -415,7 +440,10 @@ impl Writer {
         }
         codec::encode_record(record, &mut self.scratch);
         let Some(s) = work.streams.get_mut(&stream.0) else {
-            return Ok(Err(AppendError::Storage(format!("unknown stream id {}", stream.0))));
+            return Ok(Err(AppendError::Storage(format!(
+                "unknown stream id {}",
+                stream.0
+            ))));
         };
         let seq = s.state.next_seq;
         t.records.insert((stream.0, seq), self.scratch.as_slice())?;
@@ -524,7 +552,9 @@ impl Writer {
             s.state.bytes = s.state.bytes.saturating_sub(cost);
             s.state.evicted += 1;
             let gap = match s.open_gap {
-                Some((first, mut g)) if g.last.checked_add(1) == Some(seq) && g.reason == reason => {
+                Some((first, mut g))
+                    if g.last.checked_add(1) == Some(seq) && g.reason == reason =>
+                {
                     g.last = seq;
                     g.count += 1;
                     (first, g)

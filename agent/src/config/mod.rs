@@ -1,0 +1,195 @@
+//! Configuration: one TOML file → a validated, typed `Config`.
+//!
+//! Why two layers: `raw` mirrors the file (serde, unknown keys rejected), `validate`
+//! turns it into typed sections (durations, byte sizes, enums, non-zero numbers) and
+//! collects *every* problem with its key and line, so an operator fixes a broken file in
+//! one pass. Invariants: a `Config` that exists is valid; each part of the agent receives
+//! only its own section.
+
+mod raw;
+mod render;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use crate::store::WhenFull;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub buffer: BufferConfig,
+    pub sockets: Vec<SocketConfig>,
+    pub upstream: UpstreamConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub gateway_id: String,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct BufferConfig {
+    pub max_size: u64,
+    pub max_age: Duration,
+    pub when_full: WhenFull,
+    pub commit_max_records: NonZeroUsize,
+    pub commit_linger: Duration,
+    pub cache_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Udp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "tcp://{a}"),
+            Listen::Udp(a) => write!(f, "udp://{a}"),
+            Listen::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Newline-delimited (the newline is not part of the message).
+    Lines,
+    /// u32 big-endian length, then that many bytes.
+    LengthPrefixed,
+    /// UDP: one datagram is one message.
+    Datagram,
+}
+
+#[derive(Debug, Clone)]
+pub struct SocketConfig {
+    pub listen: Listen,
+    pub framing: Framing,
+    pub topic: String,
+    pub max_message_size: NonZeroUsize,
+    /// Stream sockets: write one 0x06 byte back per committed message.
+    pub ack: bool,
+    pub max_connections: NonZeroUsize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamMode {
+    Passthrough,
+}
+
+/// A secret that never appears in logs or printed config.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Self(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub host: String,
+    pub port: u16,
+    pub url: String,
+    pub client_id: String,
+    pub topic_prefix: String,
+    pub mode: UpstreamMode,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub keep_alive: Duration,
+    pub inflight: NonZeroU16,
+    pub connect_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+/// One problem in a config file, located by its key (and line when known).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}: {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(.path, .problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    let mut s = format!(
+        "{} has {} error{}:",
+        path.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        s.push_str("\n  ");
+        s.push_str(&p.to_string());
+    }
+    s
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validate config text; `path` is used in messages and to resolve relative files.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        validate::parse(text, path).map_err(|problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// The effective configuration (defaults filled in, secrets masked) as TOML.
+    pub fn render(&self) -> String {
+        render::render(self)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,124 @@
+//! The effective configuration as TOML, for `check-config`: defaults filled in, units
+//! written back in the same notation the file accepts, secrets masked.
+
+use toml::{Table, Value};
+
+use super::*;
+
+/// Bytes in the largest binary unit that divides them exactly ("512MiB", "1500B").
+pub fn size(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (unit, factor) in UNITS {
+        if n >= factor && n % factor == 0 {
+            return format!("{}{unit}", n / factor);
+        }
+    }
+    format!("{n}B")
+}
+
+fn dur(d: Duration) -> Value {
+    Value::String(humantime::format_duration(d).to_string())
+}
+
+fn s(v: impl Into<String>) -> Value {
+    Value::String(v.into())
+}
+
+pub fn render(c: &Config) -> String {
+    let mut root = Table::new();
+
+    let mut agent = Table::new();
+    agent.insert("gateway_id".into(), s(&c.agent.gateway_id));
+    agent.insert("data_dir".into(), s(c.agent.data_dir.display().to_string()));
+    root.insert("agent".into(), Value::Table(agent));
+
+    let b = &c.buffer;
+    let mut buffer = Table::new();
+    buffer.insert("max_size".into(), s(size(b.max_size)));
+    buffer.insert("max_age".into(), dur(b.max_age));
+    buffer.insert(
+        "when_full".into(),
+        s(match b.when_full {
+            WhenFull::DropOldest => "drop-oldest",
+            WhenFull::RejectNew => "reject-new",
+        }),
+    );
+    buffer.insert(
+        "commit_max_records".into(),
+        Value::Integer(b.commit_max_records.get() as i64),
+    );
+    buffer.insert("commit_linger".into(), dur(b.commit_linger));
+    buffer.insert("cache_size".into(), s(size(b.cache_size)));
+    root.insert("buffer".into(), Value::Table(buffer));
+
+    let sockets: Vec<Value> = c
+        .sockets
+        .iter()
+        .map(|sc| {
+            let mut t = Table::new();
+            let (kind, listen) = match &sc.listen {
+                Listen::Tcp(a) => ("tcp", a.to_string()),
+                Listen::Udp(a) => ("udp", a.to_string()),
+                Listen::Unix(p) => ("unix", p.display().to_string()),
+            };
+            t.insert("kind".into(), s(kind));
+            t.insert("listen".into(), s(listen));
+            t.insert(
+                "framing".into(),
+                s(match sc.framing {
+                    Framing::Lines => "lines",
+                    Framing::LengthPrefixed => "length-prefixed",
+                    Framing::Datagram => "datagram",
+                }),
+            );
+            t.insert("topic".into(), s(&sc.topic));
+            t.insert(
+                "max_message_size".into(),
+                s(size(sc.max_message_size.get() as u64)),
+            );
+            t.insert("ack".into(), Value::Boolean(sc.ack));
+            t.insert(
+                "max_connections".into(),
+                Value::Integer(sc.max_connections.get() as i64),
+            );
+            Value::Table(t)
+        })
+        .collect();
+    if !sockets.is_empty() {
+        root.insert("socket".into(), Value::Array(sockets));
+    }
+
+    let u = &c.upstream;
+    let mut up = Table::new();
+    up.insert("url".into(), s(&u.url));
+    up.insert("client_id".into(), s(&u.client_id));
+    up.insert("topic_prefix".into(), s(&u.topic_prefix));
+    up.insert(
+        "mode".into(),
+        s(match u.mode {
+            UpstreamMode::Passthrough => "passthrough",
+        }),
+    );
+    if let Some(name) = &u.username {
+        up.insert("username".into(), s(name));
+    }
+    if u.password.is_some() {
+        up.insert("password".into(), s("***"));
+    }
+    up.insert("keep_alive".into(), dur(u.keep_alive));
+    up.insert(
+        "inflight".into(),
+        Value::Integer(i64::from(u.inflight.get())),
+    );
+    up.insert("connect_timeout".into(), dur(u.connect_timeout));
+    up.insert("reconnect_min".into(), dur(u.reconnect_min));
+    up.insert("reconnect_max".into(), dur(u.reconnect_max));
+    root.insert("upstream".into(), Value::Table(up));
+
+    toml::to_string(&root).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+}

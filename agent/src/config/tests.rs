@@ -1,0 +1,195 @@
+use std::path::Path;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    match Config::parse(text, Path::new("/etc/edgerelay/test.toml")) {
+        Ok(c) => Ok(c),
+        Err(ConfigError::Invalid { problems, .. }) => Err(problems),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+const MINIMAL: &str = r#"
+[agent]
+gateway_id = "gw1"
+[upstream]
+url = "mqtt://127.0.0.1:1883"
+"#;
+
+#[test]
+fn example_config_is_valid_and_documents_every_key() {
+    let text = include_str!("../../../config/edgerelay.toml");
+    let c = parse(text).expect("config/edgerelay.toml must validate");
+    assert_eq!(c.agent.gateway_id, "gw-example-01");
+    assert_eq!(c.sockets.len(), 3);
+    assert_eq!(c.upstream.topic_prefix, "edgerelay/gw-example-01");
+    // Every key the validator knows appears in the example (commented or not).
+    let rendered = c.render();
+    for line in rendered.lines().filter(|l| l.contains(" = ")) {
+        let key = line.split(" = ").next().unwrap_or_default().trim();
+        assert!(
+            text.contains(&format!("{key} =")),
+            "key {key} is not documented in config/edgerelay.toml"
+        );
+    }
+    for key in ["username", "password_file"] {
+        assert!(text.contains(&format!("# {key} =")), "{key} documented");
+    }
+}
+
+#[test]
+fn defaults_fill_in() {
+    let c = parse(MINIMAL).expect("valid");
+    assert_eq!(c.buffer.max_size, 512 << 20);
+    assert_eq!(c.buffer.max_age, Duration::from_secs(7200));
+    assert_eq!(c.buffer.when_full, WhenFull::DropOldest);
+    assert_eq!(c.upstream.port, 1883);
+    assert_eq!(c.upstream.client_id, "edgerelay-gw1");
+    assert_eq!(c.upstream.keep_alive, Duration::from_secs(30));
+    assert!(c.sockets.is_empty());
+}
+
+#[test]
+fn three_mistakes_are_all_reported_with_keys_and_lines() {
+    let text = r#"
+[agent]
+gateway_id = "gw1"
+colour = "blue"
+
+[buffer]
+max_size = "12 parsecs"
+
+[upstream]
+url = "mqtt://127.0.0.1:1883"
+keep_alive = "forever"
+"#;
+    let problems = parse(text).expect_err("invalid");
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert!(keys.contains(&"agent.colour"), "{keys:?}");
+    let size = problems
+        .iter()
+        .find(|p| p.key == "buffer.max_size")
+        .expect("max_size");
+    assert_eq!(size.line, Some(7));
+    let ka = problems
+        .iter()
+        .find(|p| p.key == "upstream.keep_alive")
+        .expect("keep_alive");
+    assert_eq!(ka.line, Some(11));
+}
+
+#[test]
+fn several_bad_values_in_one_section_are_all_reported() {
+    let text = r#"
+[agent]
+gateway_id = "gw 1"
+[buffer]
+max_size = "1KiB"
+max_age = "soon"
+when_full = "panic"
+[[socket]]
+kind = "sctp"
+listen = "nowhere"
+topic = "a/+/b"
+[upstream]
+url = "http://x"
+reconnect_min = "1m"
+reconnect_max = "1s"
+"#;
+    let problems = parse(text).expect_err("invalid");
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for k in [
+        "agent.gateway_id",
+        "buffer.max_size",
+        "buffer.max_age",
+        "buffer.when_full",
+        "socket[0].kind",
+        "socket[0].topic",
+        "upstream.url",
+        "upstream.reconnect_min",
+    ] {
+        assert!(keys.contains(&k), "missing {k} in {keys:?}");
+    }
+}
+
+#[test]
+fn syntax_error_has_a_line() {
+    let problems = parse("[agent]\ngateway_id = \"x\n").expect_err("invalid");
+    assert_eq!(problems[0].key, "(syntax)");
+    assert_eq!(problems[0].line, Some(2));
+}
+
+#[test]
+fn missing_sections_and_type_errors() {
+    let problems = parse("[buffer]\nmax_size = true\n").expect_err("invalid");
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert!(keys.contains(&"agent"), "{keys:?}");
+    assert!(keys.contains(&"upstream"), "{keys:?}");
+    assert!(keys.contains(&"buffer"), "{keys:?}");
+}
+
+#[test]
+fn socket_kinds_and_framing() {
+    let text = format!(
+        "{MINIMAL}\n[[socket]]\nkind = \"udp\"\nlisten = \"127.0.0.1:9\"\ntopic = \"u\"\n\n[[socket]]\nkind = \"unix\"\nlisten = \"run/s.sock\"\nframing = \"length-prefixed\"\ntopic = \"x\"\nack = true\n"
+    );
+    let c = parse(&text).expect("valid");
+    assert_eq!(c.sockets[0].framing, Framing::Datagram);
+    assert_eq!(
+        c.sockets[1].listen,
+        Listen::Unix("/etc/edgerelay/run/s.sock".into())
+    );
+    assert!(c.sockets[1].ack);
+
+    let bad = format!("{MINIMAL}\n[[socket]]\nkind = \"udp\"\nlisten = \"127.0.0.1:9\"\ntopic = \"u\"\nframing = \"lines\"\nack = true\n");
+    let problems = parse(&bad).expect_err("invalid");
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+}
+
+#[test]
+fn secrets_are_masked() {
+    let text = format!("{MINIMAL}username = \"u\"\npassword = \"hunter2\"\n");
+    let c = parse(&text).expect("valid");
+    assert_eq!(
+        c.upstream.password.as_ref().map(|p| p.expose()),
+        Some("hunter2")
+    );
+    assert!(!c.render().contains("hunter2"));
+    assert!(!format!("{c:?}").contains("hunter2"));
+}
+
+#[test]
+fn urls() {
+    for (url, host, port) in [
+        ("mqtt://a.example", "a.example", 1883),
+        ("mqtt://a.example:8883/", "a.example", 8883),
+        ("mqtt://[::1]:1884", "::1", 1884),
+    ] {
+        let c = parse(&MINIMAL.replace("mqtt://127.0.0.1:1883", url)).expect(url);
+        assert_eq!((c.upstream.host.as_str(), c.upstream.port), (host, port));
+    }
+    for bad in [
+        "mqtt://",
+        "mqtt://h:0",
+        "mqtt://u:p@h",
+        "mqtts://h",
+        "h:1883",
+    ] {
+        assert!(
+            parse(&MINIMAL.replace("mqtt://127.0.0.1:1883", bad)).is_err(),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_sections_say_so() {
+    let problems =
+        parse(&format!("{MINIMAL}\n[local_mqtt]\nlisten = \"x\"\n")).expect_err("invalid");
+    assert!(
+        problems[0].message.contains("not supported"),
+        "{problems:?}"
+    );
+}
