@@ -275,7 +275,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
             agent.as_ref(),
         ),
         None => {
-            if !ctx.problems.iter().any(|p| p.key == "upstream") {
+            if !spans.contains_key("upstream") {
                 ctx.err("upstream", None, "section [upstream] is required");
             }
             None
@@ -306,7 +306,7 @@ fn validate_agent(
     path: &Path,
 ) -> Option<AgentConfig> {
     let Some(raw) = raw else {
-        if !ctx.problems.iter().any(|p| p.key == "agent") {
+        if span.is_none() {
             ctx.err(
                 "agent",
                 None,
