@@ -1,1 +1,470 @@
+//! Test harness for edgerelay's integration tests: a real `mosquitto` process as the
+//! central broker, the real `edgerelay` binary, and a real MQTT subscriber (rumqttc).
+//!
+//! Invariants: every process started here is killed on drop (a failing test leaves
+//! nothing running); readiness is waited on (a port accepting, a log line), never slept
+//! for; a missing system package fails the test with a message saying how to install it.
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Generous deadline for anything that should happen "soon" on a loaded CI machine.
+pub const SOON: Duration = Duration::from_secs(30);
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Same for UDP.
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
+    s.local_addr().expect("local addr").port()
+}
+
+/// Poll `f` until it returns Some, or panic with `what` after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: SocketAddr, timeout: Duration) {
+    wait_until(&format!("{addr} to accept connections"), timeout, || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+            .ok()
+            .map(|_| ())
+    });
+}
+
+fn require_binary(name: &str, package: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("`{name}` is not installed: these tests need the Debian package `{package}` (the README's test command, scripts/test.sh, installs it)");
+}
+
+/// A real mosquitto broker on a loopback port, with persistence in its own temp dir so
+/// that a restart keeps the test subscriber's session and queued messages.
+#[allow(missing_debug_implementations)]
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Start with extra mosquitto.conf lines.
+    pub fn start_with(extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Started as root, mosquitto drops to the `mosquitto` user: it must be able to
+        // write its persistence file here.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+                .expect("chmod broker dir");
+        }
+        let port = free_port();
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 0\nlog_dest stderr\n{extra}\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write mosquitto.conf");
+        let mut m = Self {
+            port,
+            dir,
+            child: None,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let bin = require_binary("mosquitto", "mosquitto");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mosquitto.log"))
+            .expect("mosquitto log");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mosquitto");
+        self.child = Some(child);
+        wait_for_port(self.addr(), SOON);
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stop the broker (SIGTERM, so it saves its persistence file) and wait for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c);
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+}
+
+/// The `edgerelay` binary, built once per test process with the same profile as the
+/// tests, so a test never runs a stale binary.
+pub fn agent_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("EDGERELAY_BIN") {
+            return PathBuf::from(p);
+        }
+        // target/<profile>/deps/<test binary>
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "edgerelay", "--bin", "edgerelay"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .expect("run cargo build for the edgerelay binary");
+        assert!(status.success(), "building the edgerelay binary failed");
+        let bin = profile_dir.join("edgerelay");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// Lines the agent wrote to stderr, shared with a reader thread.
+#[derive(Default)]
+struct LogBuf {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A running `edgerelay run` process.
+#[allow(missing_debug_implementations)]
+pub struct Agent {
+    child: Option<Child>,
+    log: Arc<LogBuf>,
+    pub config_path: PathBuf,
+}
+
+impl Agent {
+    /// Write `config` into `dir/edgerelay.toml`, start the agent and wait for its ready line.
+    pub fn start(dir: &Path, config: &str) -> Self {
+        let a = Self::spawn(dir, config);
+        a.wait_for_log("edgerelay ready", SOON);
+        a
+    }
+
+    /// Start without waiting for readiness (for tests that expect start-up to fail).
+    pub fn spawn(dir: &Path, config: &str) -> Self {
+        let config_path = dir.join("edgerelay.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut child = Command::new(agent_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env("EDGERELAY_LOG", "info,edgerelay=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn edgerelay");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(LogBuf::default());
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("EDGERELAY_TEST_ECHO").is_some() {
+                    eprintln!("agent: {line}");
+                }
+                sink.lines.lock().expect("log lock").push(line);
+                sink.changed.notify_all();
+            }
+        });
+        Self {
+            child: Some(child),
+            log,
+            config_path,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.log.lines.lock().expect("log lock").join("\n")
+    }
+
+    /// Block until a log line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().expect("log lock");
+        loop {
+            if lines.iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out waiting for agent log line {needle:?}; log so far:\n{}",
+                lines.join("\n")
+            );
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .expect("log lock")
+                .0;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("agent running")
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit, at most `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        terminate(&mut c);
+        self.wait_child(c, timeout)
+    }
+
+    /// Wait for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let c = self.child.take().expect("agent running");
+        self.wait_child(c, timeout)
+    }
+
+    fn wait_child(&mut self, mut c: Child, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = c.try_wait().expect("wait agent") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "agent did not exit within {timeout:?}; log:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A message as received by the subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// A real MQTT subscriber (rumqttc) on the central broker, with a persistent session so
+/// it keeps receiving across broker restarts. Collects everything it receives.
+#[allow(missing_debug_implementations)]
+pub struct Subscriber {
+    rx: mpsc::Receiver<Received>,
+    pub received: Vec<Received>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Subscriber {
+    /// Connect and subscribe to `filter` at QoS 1; returns once the SUBACK arrived.
+    pub fn start(broker_port: u16, filter: &str) -> Self {
+        let id = format!("test-sub-{}", rand::random::<u32>());
+        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", broker_port);
+        opts.set_clean_session(false);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(16 << 20, 16 << 20);
+        let (client, mut conn) = rumqttc::Client::new(opts, 64);
+        client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .expect("subscribe request");
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        std::thread::spawn(move || {
+            let _client = client;
+            for ev in conn.iter() {
+                if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let msg = Received {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                        };
+                        if tx.send(msg).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    // The broker is down (an outage test): retry, rumqttc resumes the session.
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(SOON).expect("SUBACK from the broker");
+        Self {
+            rx,
+            received: Vec::new(),
+            stop,
+        }
+    }
+
+    /// Take what has arrived so far.
+    pub fn drain(&mut self) {
+        while let Ok(m) = self.rx.try_recv() {
+            self.received.push(m);
+        }
+    }
+
+    /// Wait until `pred` holds over everything received, or fail with `what`.
+    pub fn wait_for(&mut self, what: &str, timeout: Duration, pred: impl Fn(&[Received]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.drain();
+            if pred(&self.received) {
+                return;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out after {timeout:?} waiting for {what}; received {} messages",
+                self.received.len()
+            );
+            if let Ok(m) = self
+                .rx
+                .recv_timeout((deadline - now).min(Duration::from_millis(200)))
+            {
+                self.received.push(m);
+            }
+        }
+    }
+
+    /// Payload → number of times received.
+    pub fn counts(&self) -> HashMap<Vec<u8>, usize> {
+        let mut m = HashMap::new();
+        for r in &self.received {
+            *m.entry(r.payload.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A minimal agent config around `upstream_url`, with `extra` TOML appended.
+pub fn agent_config(data_dir: &Path, upstream_url: &str, extra: &str) -> String {
+    format!(
+        r#"[agent]
+gateway_id = "gw-test"
+data_dir = "{}"
+
+[upstream]
+url = "{upstream_url}"
+topic_prefix = "up"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+keep_alive = "5s"
+
+{extra}
+"#,
+        data_dir.display()
+    )
+}
+
+/// Write one length-prefixed frame.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
