@@ -206,6 +206,15 @@ impl GapValue {
     }
 }
 
+/// The timestamp of an encoded record without decoding the rest (eviction scans heads).
+pub fn peek_ts(buf: &[u8]) -> Result<u64, CorruptValue> {
+    let mut r = Reader { buf };
+    if r.u8("record version")? != RECORD_VERSION {
+        return Err(corrupt("unknown record version"));
+    }
+    r.u64("timestamp")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,7 +249,7 @@ mod tests {
             let mut buf = Vec::new();
             encode_record(&r, &mut buf);
             prop_assert_eq!(buf.len(), encoded_len(&r));
-            prop_assert_eq!(decode_record(&buf).unwrap(), r);
+            prop_assert_eq!(decode_record(&buf), Ok(r));
         }
 
         #[test]
@@ -277,13 +286,4 @@ mod tests {
         };
         assert_eq!(GapValue::decode(&g.encode()), Ok(g));
     }
-}
-
-/// The timestamp of an encoded record without decoding the rest (eviction scans heads).
-pub fn peek_ts(buf: &[u8]) -> Result<u64, CorruptValue> {
-    let mut r = Reader { buf };
-    if r.u8("record version")? != RECORD_VERSION {
-        return Err(corrupt("unknown record version"));
-    }
-    r.u64("timestamp")
 }

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine: installs what the tests need
+# (mosquitto, mosquitto-clients, iproute2 — needs root), then runs every test against
+# real brokers and the real binary.
+#
+#   sudo scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+cargo build --workspace --bins
+cargo test --workspace "$@"
