@@ -50,19 +50,22 @@ fn raw_redb(dir: &std::path::Path, n: u64, group: u64) -> f64 {
         .set_cache_size(4 << 20)
         .create(dir.join("raw.redb"))
         .expect("create raw db");
-    let values: Vec<Vec<u8>> = (0..group).map(|i| {
-        let r = record(i);
-        let mut v = Vec::with_capacity(300);
-        v.extend_from_slice(&r.ts_ms.to_le_bytes());
-        v.extend_from_slice(r.topic.as_bytes());
-        v.extend_from_slice(&r.payload);
-        v
-    }).collect();
+    let values: Vec<Vec<u8>> = (0..group)
+        .map(|i| {
+            let r = record(i);
+            let mut v = Vec::with_capacity(300);
+            v.extend_from_slice(&r.ts_ms.to_le_bytes());
+            v.extend_from_slice(r.topic.as_bytes());
+            v.extend_from_slice(&r.payload);
+            v
+        })
+        .collect();
     let start = Instant::now();
     let mut seq = 0u64;
     while seq < n {
         let mut txn = db.begin_write().expect("txn");
-        txn.set_durability(Durability::Immediate).expect("durability");
+        txn.set_durability(Durability::Immediate)
+            .expect("durability");
         {
             let mut t = txn.open_table(RAW).expect("table");
             for v in &values {
@@ -85,7 +88,9 @@ fn store_append(dir: &std::path::Path, n: u64, producers: u64, depth: usize) -> 
     let per = n / producers;
     // Records are built before the clock starts: this measures the store, not the
     // benchmark's JSON generator (the raw baseline's values are prebuilt too).
-    let inputs: Vec<Vec<Record>> = (0..producers).map(|p| (0..per).map(|i| record(p * per + i)).collect()).collect();
+    let inputs: Vec<Vec<Record>> = (0..producers)
+        .map(|p| (0..per).map(|i| record(p * per + i)).collect())
+        .collect();
     let start = Instant::now();
     let handles: Vec<_> = inputs
         .into_iter()
@@ -95,7 +100,8 @@ fn store_append(dir: &std::path::Path, n: u64, producers: u64, depth: usize) -> 
                 let mut pending = std::collections::VecDeque::with_capacity(depth);
                 for r in records {
                     if pending.len() == depth {
-                        let done: edgerelay::store::PendingAppend = pending.pop_front().expect("pending");
+                        let done: edgerelay::store::PendingAppend =
+                            pending.pop_front().expect("pending");
                         done.blocking_wait().expect("append");
                     }
                     pending.push_back(store.submit_blocking(stream, r).expect("submit"));
@@ -124,9 +130,15 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
-    let base = std::env::var("BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+    let base = std::env::var("BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir());
     let dir = tempfile::tempdir_in(base).expect("tempdir");
-    println!("store_append: {n} records of ~{} B payload, fsync on every commit, dir {}", telemetry(0).len(), dir.path().display());
+    println!(
+        "store_append: {n} records of ~{} B payload, fsync on every commit, dir {}",
+        telemetry(0).len(),
+        dir.path().display()
+    );
     let raw = raw_redb(dir.path(), n, 512);
     println!("  raw redb, 512 records per fsynced txn (ceiling): {raw:>10.0} msgs/s");
     let (store, commits) = store_append(dir.path(), n, 4, 256);

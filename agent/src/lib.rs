@@ -78,7 +78,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     );
 
     tracing::info!(gateway_id = %config.agent.gateway_id, epoch = store.epoch(), "edgerelay ready");
-    shutdown.cancelled().await;
+    // The writer thread owns the sender of `committed`: if it ever dies, nothing can be
+    // acknowledged any more, and the agent must stop (and be restarted) rather than run on.
+    let mut writer_alive = store.committed();
+    let writer_died = async move { while writer_alive.changed().await.is_ok() {} };
+    let failure = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        _ = writer_died => Some(RunError::Task("the store writer stopped unexpectedly".into())),
+    };
     tracing::info!("shutting down: stopping ingest");
 
     ingest_cancel.cancel();
@@ -91,6 +98,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     tokio::task::spawn_blocking(move || store_thread.close())
         .await
         .map_err(|e| RunError::Task(e.to_string()))?;
-    tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
 }

@@ -283,6 +283,11 @@ where
                             IngestStats::inc(&ctx.stats.rejected);
                             tracing::warn!(%peer, cost, budget, "message dropped: larger than the whole buffer");
                         }
+                        Err(AppendError::Closed) if cancel.is_cancelled() => {
+                            // Shutting down while this message waited for space: it was
+                            // never acknowledged, so the sender still owns it.
+                            close_reason.get_or_insert_with(|| "agent shutting down".into());
+                        }
                         Err(e) => {
                             // Not committed and cannot be retried here: stop acknowledging,
                             // so the sender knows everything from here on is unconfirmed.
