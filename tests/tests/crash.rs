@@ -37,11 +37,11 @@ fn pump(port: u16, round: u32, acked: Arc<AtomicU32>) {
             break;
         }
         // Keep a bounded number in flight so the test's own memory stays small.
-        while i - acked.load(Ordering::SeqCst) > 200 {
+        while i.saturating_sub(acked.load(Ordering::SeqCst)) > 200 {
             if reader_thread.is_finished() {
                 return;
             }
-            std::thread::yield_now();
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
     let _ = reader_thread.join();
