@@ -29,7 +29,7 @@ fn pump(port: u16, round: u32, acked: Arc<AtomicU32>) {
             }
         }
     });
-    for i in 0.. {
+    for i in 0u32.. {
         if conn
             .write_all(&frame(format!("r{round}-{i}").as_bytes()))
             .is_err()

@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, watch};
 pub use codec::{GapReason, StreamState};
 pub use retention::{Budget, WhenFull, DATA_FRACTION_PERCENT};
 
-use crate::record::StoredRecord;
+use crate::record::{Record, StoredRecord};
 
 /// Smallest `max_size` accepted: below it redb's region allocation overhead makes the
 /// file size unpredictable relative to the data held (measured: 2.1× at 8 MiB, 1.06×
@@ -168,7 +168,7 @@ pub(crate) enum Request {
     },
     Append {
         stream: StreamId,
-        record: crate::record::Record,
+        record: Record,
         reply: oneshot::Sender<Result<u64, AppendError>>,
     },
     Ack {
@@ -334,12 +334,12 @@ impl Store {
         if let Some(id) = self.lookup_stream(name) {
             return Ok(id);
         }
-        let (reply, rx) = oneshot::channel();
+        let (req, rx) = call(|reply| Request::Stream {
+            name: name.to_owned(),
+            reply,
+        });
         self.tx
-            .send_async(Request::Stream {
-                name: name.to_owned(),
-                reply,
-            })
+            .send_async(req)
             .await
             .map_err(|_| StoreError::Closed)?;
         let id = rx.await.map_err(|_| StoreError::Closed)??;
@@ -352,13 +352,11 @@ impl Store {
         if let Some(id) = self.lookup_stream(name) {
             return Ok(id);
         }
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Stream {
-                name: name.to_owned(),
-                reply,
-            })
-            .map_err(|_| StoreError::Closed)?;
+        let (req, rx) = call(|reply| Request::Stream {
+            name: name.to_owned(),
+            reply,
+        });
+        self.tx.send(req).map_err(|_| StoreError::Closed)?;
         let id = rx.blocking_recv().map_err(|_| StoreError::Closed)??;
         self.remember_stream(name, id);
         Ok(id)
@@ -379,44 +377,38 @@ impl Store {
     pub async fn submit(
         &self,
         stream: StreamId,
-        record: crate::record::Record,
+        record: Record,
     ) -> Result<PendingAppend, AppendError> {
-        let (reply, rx) = oneshot::channel();
+        let (req, rx) = call(|reply| Request::Append {
+            stream,
+            record,
+            reply,
+        });
         self.tx
-            .send_async(Request::Append {
-                stream,
-                record,
-                reply,
-            })
+            .send_async(req)
             .await
             .map_err(|_| AppendError::Closed)?;
         Ok(PendingAppend(rx))
-    }
-
-    /// Append and wait for the commit; returns the record's sequence number.
-    pub async fn append(
-        &self,
-        stream: StreamId,
-        record: crate::record::Record,
-    ) -> Result<u64, AppendError> {
-        self.submit(stream, record).await?.await
     }
 
     /// Blocking submit for threads outside the runtime (benchmarks, tests).
     pub fn submit_blocking(
         &self,
         stream: StreamId,
-        record: crate::record::Record,
+        record: Record,
     ) -> Result<PendingAppend, AppendError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Append {
-                stream,
-                record,
-                reply,
-            })
-            .map_err(|_| AppendError::Closed)?;
+        let (req, rx) = call(|reply| Request::Append {
+            stream,
+            record,
+            reply,
+        });
+        self.tx.send(req).map_err(|_| AppendError::Closed)?;
         Ok(PendingAppend(rx))
+    }
+
+    /// Append and wait for the commit; returns the record's sequence number.
+    pub async fn append(&self, stream: StreamId, record: Record) -> Result<u64, AppendError> {
+        self.submit(stream, record).await?.await
     }
 
     /// Delete records confirmed upstream. Waits for the commit.
@@ -424,45 +416,41 @@ impl Store {
         if seqs.is_empty() {
             return Ok(());
         }
-        let (reply, rx) = oneshot::channel();
+        let (req, rx) = call(|reply| Request::Ack {
+            stream,
+            seqs,
+            reply: Some(reply),
+        });
         self.tx
-            .send_async(Request::Ack {
-                stream,
-                seqs,
-                reply: Some(reply),
-            })
+            .send_async(req)
             .await
             .map_err(|_| AppendError::Closed)?;
         rx.await.unwrap_or(Err(AppendError::Closed))
     }
 
     pub fn ack_blocking(&self, stream: StreamId, seqs: Vec<u64>) -> Result<(), AppendError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Ack {
-                stream,
-                seqs,
-                reply: Some(reply),
-            })
-            .map_err(|_| AppendError::Closed)?;
+        let (req, rx) = call(|reply| Request::Ack {
+            stream,
+            seqs,
+            reply: Some(reply),
+        });
+        self.tx.send(req).map_err(|_| AppendError::Closed)?;
         rx.blocking_recv().unwrap_or(Err(AppendError::Closed))
     }
 
     /// Run retention by age now (it also runs every `maintenance_interval`).
     pub async fn maintain(&self) -> Result<(), StoreError> {
-        let (reply, rx) = oneshot::channel();
+        let (req, rx) = call(|reply| Request::Maintain { reply });
         self.tx
-            .send_async(Request::Maintain { reply })
+            .send_async(req)
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)
     }
 
     pub fn maintain_blocking(&self) -> Result<(), StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Maintain { reply })
-            .map_err(|_| StoreError::Closed)?;
+        let (req, rx) = call(|reply| Request::Maintain { reply });
+        self.tx.send(req).map_err(|_| StoreError::Closed)?;
         rx.blocking_recv().map_err(|_| StoreError::Closed)
     }
 
@@ -564,6 +552,12 @@ impl Store {
     pub fn stats(&self) -> Arc<StoreStats> {
         self.stats.borrow().clone()
     }
+}
+
+/// A request for the writer and the receiver of its reply.
+fn call<T>(make: impl FnOnce(oneshot::Sender<T>) -> Request) -> (Request, oneshot::Receiver<T>) {
+    let (reply, rx) = oneshot::channel();
+    (make(reply), rx)
 }
 
 /// The data directory holds unsent messages: owner-only access.
