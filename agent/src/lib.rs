@@ -11,6 +11,7 @@ pub mod config;
 pub mod ingest;
 pub mod record;
 pub mod store;
+pub mod topic;
 pub mod uplink;
 
 use tokio_util::sync::CancellationToken;
@@ -64,11 +65,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     for sc in config.sockets {
         sockets.push(SocketIngest::bind(sc, store.clone(), stream).await?);
     }
+    let local_mqtt = match config.local_mqtt {
+        Some(cfg) => Some(ingest::mqtt::LocalMqtt::bind(cfg, store.clone(), stream).await?),
+        None => None,
+    };
     let ingest_cancel = CancellationToken::new();
     let ingest = TaskTracker::new();
     for s in sockets {
         let (tracker, cancel) = (ingest.clone(), ingest_cancel.clone());
         ingest.spawn(s.run(tracker, cancel));
+    }
+    if let Some(m) = local_mqtt {
+        let (tracker, cancel) = (ingest.clone(), ingest_cancel.clone());
+        ingest.spawn(m.run(tracker, cancel));
+    }
+    if let Some(cfg) = config.local_broker {
+        ingest.spawn(
+            ingest::bridge::Bridge::new(cfg, store.clone(), stream).run(ingest_cancel.clone()),
+        );
     }
     ingest.close();
 

@@ -32,6 +32,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print a `USER:HASH` line for [local_mqtt] password_file; the password is read
+    /// from standard input (first line).
+    HashPassword {
+        /// The MQTT username.
+        user: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +50,28 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failure(e),
         },
+        Command::HashPassword { user } => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("edgerelay: cannot read the password from stdin: {e}");
+                return ExitCode::from(1);
+            }
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.is_empty() || user.is_empty() || user.contains(':') {
+                eprintln!("edgerelay: need a non-empty user (without ':') and password");
+                return ExitCode::from(2);
+            }
+            match edgerelay::ingest::mqtt::auth::hash_password(password) {
+                Ok(hash) => {
+                    println!("{user}:{hash}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edgerelay: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Run { config } => {
             init_tracing();
             let config = match Config::load(&config) {

@@ -6,6 +6,7 @@
 //! one pass. Invariants: a `Config` that exists is valid; each part of the agent receives
 //! only its own section.
 
+mod local;
 mod raw;
 mod render;
 mod validate;
@@ -23,7 +24,38 @@ pub struct Config {
     pub agent: AgentConfig,
     pub buffer: BufferConfig,
     pub sockets: Vec<SocketConfig>,
+    pub local_mqtt: Option<LocalMqttConfig>,
+    pub local_broker: Option<LocalBrokerConfig>,
     pub upstream: UpstreamConfig,
+}
+
+/// The embedded MQTT endpoint devices connect to.
+#[derive(Debug, Clone)]
+pub struct LocalMqttConfig {
+    pub listen: SocketAddr,
+    pub max_connections: NonZeroUsize,
+    pub max_packet_size: NonZeroUsize,
+    /// QoS 1/2 publishes a client may have unacknowledged (MQTT 5 receive maximum).
+    pub receive_maximum: NonZeroU16,
+    /// Filters of what is relayed upstream; other topics stay local.
+    pub topics: Vec<String>,
+    pub password_file: Option<PathBuf>,
+    pub allow_anonymous: bool,
+    /// Time allowed between TCP accept and CONNECT.
+    pub connect_timeout: Duration,
+}
+
+/// Client mode: subscribe to a broker already running on the gateway.
+#[derive(Debug, Clone)]
+pub struct LocalBrokerConfig {
+    pub host: String,
+    pub port: u16,
+    pub url: String,
+    pub topics: Vec<String>,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub keep_alive: Duration,
 }
 
 #[derive(Debug, Clone)]

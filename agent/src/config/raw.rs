@@ -62,3 +62,28 @@ pub struct RawUpstream {
     pub reconnect_min: Field<String>,
     pub reconnect_max: Field<String>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocalMqtt {
+    pub listen: Field<String>,
+    pub max_connections: Field<i64>,
+    pub max_packet_size: Field<SizeValue>,
+    pub receive_maximum: Field<i64>,
+    pub topics: Field<Vec<String>>,
+    pub password_file: Field<String>,
+    pub allow_anonymous: Field<bool>,
+    pub connect_timeout: Field<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocalBroker {
+    pub url: Field<String>,
+    pub topics: Field<Vec<String>>,
+    pub client_id: Field<String>,
+    pub username: Field<String>,
+    pub password: Field<String>,
+    pub password_file: Field<String>,
+    pub keep_alive: Field<String>,
+}

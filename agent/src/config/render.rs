@@ -93,6 +93,51 @@ pub fn render(c: &Config) -> String {
         root.insert("socket".into(), Value::Array(sockets));
     }
 
+    if let Some(m) = &c.local_mqtt {
+        let mut t = Table::new();
+        t.insert("listen".into(), s(m.listen.to_string()));
+        t.insert(
+            "max_connections".into(),
+            Value::Integer(m.max_connections.get() as i64),
+        );
+        t.insert(
+            "max_packet_size".into(),
+            s(size(m.max_packet_size.get() as u64)),
+        );
+        t.insert(
+            "receive_maximum".into(),
+            Value::Integer(i64::from(m.receive_maximum.get())),
+        );
+        t.insert(
+            "topics".into(),
+            Value::Array(m.topics.iter().map(s).collect()),
+        );
+        if let Some(p) = &m.password_file {
+            t.insert("password_file".into(), s(p.display().to_string()));
+        }
+        t.insert("allow_anonymous".into(), Value::Boolean(m.allow_anonymous));
+        t.insert("connect_timeout".into(), dur(m.connect_timeout));
+        root.insert("local_mqtt".into(), Value::Table(t));
+    }
+
+    if let Some(b) = &c.local_broker {
+        let mut t = Table::new();
+        t.insert("url".into(), s(&b.url));
+        t.insert(
+            "topics".into(),
+            Value::Array(b.topics.iter().map(s).collect()),
+        );
+        t.insert("client_id".into(), s(&b.client_id));
+        if let Some(name) = &b.username {
+            t.insert("username".into(), s(name));
+        }
+        if b.password.is_some() {
+            t.insert("password".into(), s("***"));
+        }
+        t.insert("keep_alive".into(), dur(b.keep_alive));
+        root.insert("local_broker".into(), Value::Table(t));
+    }
+
     let u = &c.upstream;
     let mut up = Table::new();
     up.insert("url".into(), s(&u.url));

@@ -185,9 +185,39 @@ fn urls() {
 }
 
 #[test]
+fn local_mqtt_and_local_broker() {
+    let c = parse(&format!(
+        "{MINIMAL}\n[local_mqtt]\ntopics = [\"sensors/#\"]\n\n[local_broker]\nurl = \"mqtt://127.0.0.1:1884\"\ntopics = [\"a/+\"]\n"
+    ))
+    .expect("valid");
+    let m = c.local_mqtt.expect("local_mqtt");
+    assert_eq!(m.listen.to_string(), "127.0.0.1:1883");
+    assert!(m.allow_anonymous);
+    assert_eq!(m.topics, vec!["sensors/#".to_owned()]);
+    let b = c.local_broker.expect("local_broker");
+    assert_eq!(
+        (b.port, b.client_id.as_str()),
+        (1884, "edgerelay-gw1-local")
+    );
+
+    let problems = parse(&format!(
+        "{MINIMAL}\n[local_mqtt]\nlisten = \"nope\"\ntopics = [\"a/#/b\"]\nmax_packet_size = \"1GiB\"\n\n[local_broker]\nurl = \"mqtt://h\"\n"
+    ))
+    .expect_err("invalid");
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for k in [
+        "local_mqtt.listen",
+        "local_mqtt.topics",
+        "local_mqtt.max_packet_size",
+        "local_broker.topics",
+    ] {
+        assert!(keys.contains(&k), "missing {k} in {keys:?}");
+    }
+}
+
+#[test]
 fn unsupported_sections_say_so() {
-    let problems =
-        parse(&format!("{MINIMAL}\n[local_mqtt]\nlisten = \"x\"\n")).expect_err("invalid");
+    let problems = parse(&format!("{MINIMAL}\n[compression]\nlevel = 3\n")).expect_err("invalid");
     assert!(
         problems[0].message.contains("not supported"),
         "{problems:?}"

@@ -5,10 +5,17 @@
 //! that client only and never loses messages already committed; listeners are bound
 //! before `run` returns so configuration mistakes fail at start-up, not later.
 
+pub mod bridge;
 pub mod framing;
+pub mod mqtt;
 pub mod socket;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::record::Record;
+use crate::store::{AppendError, Store, StreamId};
 
 /// Counters for one ingest source (exported as metrics later; logged at shutdown).
 #[derive(Debug, Default)]
@@ -39,4 +46,34 @@ pub enum IngestError {
     },
     #[error("cannot listen on {listen}: {reason}")]
     UnixPath { listen: String, reason: String },
+}
+
+/// Append `record` and wait for its commit; while the buffer is full (reject-new), wait
+/// for space to free and try again. This is how producers without a negative
+/// acknowledgement (stream sockets, MQTT 3.1.1) get back-pressure instead of loss.
+pub async fn append_waiting_for_space(
+    store: &Store,
+    stream: StreamId,
+    record: Record,
+    cancel: &CancellationToken,
+    source: &str,
+) -> Result<u64, AppendError> {
+    let mut freed = store.freed();
+    let mut warned = false;
+    loop {
+        freed.borrow_and_update();
+        match store.append(stream, record.clone()).await {
+            Err(AppendError::Full) => {
+                if !warned {
+                    tracing::warn!(%source, "buffer full (reject-new): holding this producer until space frees");
+                    warned = true;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err(AppendError::Closed),
+                    changed = freed.changed() => if changed.is_err() { return Err(AppendError::Closed) },
+                }
+            }
+            other => return other,
+        }
+    }
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::framing::{FrameDecoder, FrameError};
-use super::{IngestError, IngestStats};
+use super::{append_waiting_for_space, IngestError, IngestStats};
 use crate::config::{Framing, Listen, SocketConfig};
 use crate::record::{Origin, OriginKind, Record};
 use crate::store::{AppendError, Store, StreamId};
@@ -220,32 +220,6 @@ fn bind_unix(path: &Path, listen: &str) -> Result<UnixListener, IngestError> {
     })
 }
 
-/// Submit `record` and wait for its commit, retrying while the buffer is full.
-async fn append_with_backpressure(
-    ctx: Arc<Ctx>,
-    record: Record,
-    cancel: CancellationToken,
-) -> Result<u64, AppendError> {
-    let mut freed = ctx.store.freed();
-    let mut warned = false;
-    loop {
-        freed.borrow_and_update();
-        match ctx.store.append(ctx.stream, record.clone()).await {
-            Err(AppendError::Full) => {
-                if !warned {
-                    tracing::warn!(listen = %ctx.cfg.listen, "buffer full (reject-new): holding this connection until space frees");
-                    warned = true;
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => return Err(AppendError::Closed),
-                    changed = freed.changed() => if changed.is_err() { return Err(AppendError::Closed) },
-                }
-            }
-            other => return other,
-        }
-    }
-}
-
 async fn serve_stream<S>(ctx: &Arc<Ctx>, io: S, peer: &str, cancel: &CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -310,7 +284,9 @@ where
                     if payload.is_empty() && ctx.cfg.framing == Framing::Lines {
                         continue;
                     }
-                    pending.push_back(append_with_backpressure(ctx.clone(), ctx.record(payload), cancel.clone()));
+                    let (store, stream, record, cancel) = (ctx.store.clone(), ctx.stream, ctx.record(payload), cancel.clone());
+                    let what = ctx.origin.name.clone();
+                    pending.push_back(async move { append_waiting_for_space(&store, stream, record, &cancel, &what).await });
                 }
                 Some(Err(FrameError::Oversize { max })) => {
                     IngestStats::inc(&ctx.stats.oversize);

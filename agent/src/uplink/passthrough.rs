@@ -155,7 +155,8 @@ impl Passthrough {
                     cursor = Some(r.seq);
                     let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
                     let topic = upstream_topic(&self.cfg.topic_prefix, &r.record.topic);
-                    if let Err(e) = s.queue_publish(topic, r.record.payload, pkid) {
+                    if let Err(e) = s.queue_publish(topic, r.record.payload, r.record.retain, pkid)
+                    {
                         break 'session End::Lost(e.into());
                     }
                     inflight.insert(pkid, r.seq);

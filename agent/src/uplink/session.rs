@@ -178,12 +178,13 @@ impl Session {
         &mut self,
         topic: String,
         payload: Bytes,
+        retain: bool,
         pkid: u16,
     ) -> Result<(), SessionError> {
         self.queue(&Packet::Publish(Publish {
             dup: false,
             qos: QoS::AtLeastOnce,
-            retain: false,
+            retain,
             topic,
             pkid,
             payload,
