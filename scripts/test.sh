@@ -8,5 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-cargo build --workspace --bins
+# The integration tests run the binary built with test hooks (inert unless a test
+# sets their environment variables).
+cargo build --workspace --bins --features edgerelay/test-hooks
 cargo test --workspace "$@"

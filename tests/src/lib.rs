@@ -180,7 +180,16 @@ pub fn agent_bin() -> PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "edgerelay", "--bin", "edgerelay"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "edgerelay",
+            "--bin",
+            "edgerelay",
+            "--features",
+            "test-hooks",
+        ]);
         if release {
             cmd.arg("--release");
         }
@@ -220,13 +229,29 @@ impl Agent {
 
     /// Start without waiting for readiness (for tests that expect start-up to fail).
     pub fn spawn(dir: &Path, config: &str) -> Self {
+        Self::spawn_with_env(dir, config, &[])
+    }
+
+    /// Start with extra environment variables and wait for readiness.
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Self {
+        let a = Self::spawn_with_env(dir, config, env);
+        a.wait_for_log("edgerelay ready", SOON);
+        a
+    }
+
+    pub fn spawn_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Self {
         let config_path = dir.join("edgerelay.toml");
         std::fs::write(&config_path, config).expect("write config");
         let mut child = Command::new(agent_bin())
+            .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
             .arg(&config_path)
-            .env("EDGERELAY_LOG", "info,edgerelay=debug")
+            .env(
+                "EDGERELAY_LOG",
+                std::env::var("EDGERELAY_TEST_LOG")
+                    .unwrap_or_else(|_| "info,edgerelay=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -467,4 +492,109 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut v = (payload.len() as u32).to_be_bytes().to_vec();
     v.extend_from_slice(payload);
     v
+}
+
+/// `mosquitto_pub`/`mosquitto_sub` and friends from the mosquitto-clients package.
+pub fn mosquitto_client(name: &str) -> Command {
+    Command::new(require_binary(name, "mosquitto-clients"))
+}
+
+/// Debian's python3 with the python3-paho-mqtt package (not a pyenv interpreter that
+/// may lack it).
+pub fn python_with_paho() -> Command {
+    let py = require_binary("python3", "python3");
+    let ok = Command::new(&py)
+        .args(["-c", "import paho.mqtt.client"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "python3 cannot import paho.mqtt: install the Debian package `python3-paho-mqtt` (scripts/test.sh does)");
+    Command::new(py)
+}
+
+/// A running `mosquitto_sub` whose output lines are collected; `start` returns once it
+/// has its SUBACK (it runs with -d, whose debug line says so).
+#[allow(missing_debug_implementations)]
+pub struct MosquittoSub {
+    child: Child,
+    lines: Arc<LogBuf>,
+}
+
+impl MosquittoSub {
+    pub fn start(args: &[&str]) -> Self {
+        // Line-buffered stdout (stdbuf), or the SUBACK line sits in a pipe buffer.
+        let mut child = Command::new("stdbuf")
+            .arg("-oL")
+            .arg(require_binary("mosquitto_sub", "mosquitto-clients"))
+            .arg("-d")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto_sub");
+        let out = child.stdout.take().expect("stdout");
+        let lines = Arc::new(LogBuf::default());
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lines.lock().expect("lock").push(line);
+                sink.changed.notify_all();
+            }
+        });
+        let s = Self { child, lines };
+        s.wait_for(
+            "SUBACK",
+            |l| {
+                l.iter()
+                    .any(|x| x.to_lowercase().contains("received suback"))
+            },
+            SOON,
+        );
+        s
+    }
+
+    /// Output lines that are messages (not -d debug lines).
+    pub fn messages(&self) -> Vec<String> {
+        self.lines
+            .lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed"))
+            .cloned()
+            .collect()
+    }
+
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&[String]) -> bool, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lines.lock().expect("lock");
+        loop {
+            if pred(&lines) {
+                return;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out waiting for mosquitto_sub: {what}; output:\n{}",
+                lines.join("\n")
+            );
+            lines = self
+                .lines
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .expect("lock")
+                .0;
+        }
+    }
+}
+
+impl Drop for MosquittoSub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Config with the local MQTT endpoint on `port`, relaying `topics`.
+pub fn local_mqtt_section(port: u16, topics: &str, extra: &str) -> String {
+    format!("[local_mqtt]\nlisten = \"127.0.0.1:{port}\"\ntopics = {topics}\n{extra}\n")
 }

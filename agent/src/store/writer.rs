@@ -262,9 +262,33 @@ impl Writer {
         tracing::debug!("store writer stopped");
     }
 
+    /// Test builds only: while the file named by EDGERELAY_TEST_HOLD_COMMITS exists,
+    /// commits that append records wait — so a test can observe that nothing is
+    /// acknowledged before its commit.
+    #[cfg(feature = "test-hooks")]
+    fn test_hold(&self, batch: &[Request]) {
+        let Some(path) = std::env::var_os("EDGERELAY_TEST_HOLD_COMMITS") else {
+            return;
+        };
+        let appends = batch
+            .iter()
+            .filter(|r| matches!(r, Request::Append { .. }))
+            .count();
+        if appends == 0 || !std::path::Path::new(&path).exists() {
+            return;
+        }
+        tracing::info!(appends, "test hook: holding commit");
+        while std::path::Path::new(&path).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        tracing::info!("test hook: commit released");
+    }
+
     /// Apply `batch` (and age retention when `age` is set) in one transaction.
     /// Returns whether more expired records remain.
     fn commit(&mut self, batch: Vec<Request>, age: bool) -> bool {
+        #[cfg(feature = "test-hooks")]
+        self.test_hold(&batch);
         let mut work = self.state.clone();
         let mut replies = Vec::with_capacity(batch.len());
         let mut effects = Effects::default();
