@@ -129,15 +129,27 @@ fn sigterm_stops_cleanly_and_quickly() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let extra =
-        format!("[[socket]]\nkind = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\ntopic = \"t\"\n");
+    let mqtt_port = free_port();
+    let extra = format!(
+        "[[socket]]\nkind = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\ntopic = \"t\"\n\n{}",
+        local_mqtt_section(mqtt_port, r##"["#"]"##, "")
+    );
     let mut agent = Agent::start(
         dir.path(),
         &agent_config(&dir.path().join("data"), &broker.url(), &extra),
     );
     agent.wait_for_log("connected upstream", SOON);
-    // An idle client connection must not hold up shutdown.
+    // Idle client connections (a socket and an MQTT client) must not hold up shutdown.
     let _idle = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut mqtt = std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).expect("connect");
+    use std::io::{Read, Write};
+    mqtt.write_all(&[
+        0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x01, b'x',
+    ])
+    .expect("CONNECT");
+    let mut connack = [0u8; 4];
+    mqtt.read_exact(&mut connack).expect("CONNACK");
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
     let started = Instant::now();
     let status = agent.terminate(Duration::from_secs(10));
     assert!(
