@@ -167,41 +167,42 @@ fn terminate(child: &mut Child) {
 /// tests, so a test never runs a stale binary.
 pub fn agent_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("EDGERELAY_BIN") {
-            return PathBuf::from(p);
-        }
-        // target/<profile>/deps/<test binary>
-        let exe = std::env::current_exe().expect("current exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "edgerelay",
-            "--bin",
-            "edgerelay",
-            "--features",
-            "test-hooks",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .status()
-            .expect("run cargo build for the edgerelay binary");
-        assert!(status.success(), "building the edgerelay binary failed");
-        let bin = profile_dir.join("edgerelay");
-        assert!(bin.exists(), "{} missing after build", bin.display());
-        bin
-    })
-    .clone()
+    BIN.get_or_init(|| build_agent(&["test-hooks"])).clone()
+}
+
+/// Build the agent binary with `features`, in the profile of the running executable
+/// (target/<profile>/deps/<test> or target/<profile>/<bin>), and return its path.
+/// EDGERELAY_BIN overrides (e.g. a cross-built binary).
+pub fn build_agent(features: &[&str]) -> PathBuf {
+    if let Ok(p) = std::env::var("EDGERELAY_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .ancestors()
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n == "debug" || n == "release")
+        })
+        .expect("running from target/<profile>")
+        .to_path_buf();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", "edgerelay", "--bin", "edgerelay"]);
+    if !features.is_empty() {
+        cmd.arg("--features").arg(features.join(","));
+    }
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .expect("run cargo build for the edgerelay binary");
+    assert!(status.success(), "building the edgerelay binary failed");
+    let bin = profile_dir.join("edgerelay");
+    assert!(bin.exists(), "{} missing after build", bin.display());
+    bin
 }
 
 /// Lines the agent wrote to stderr, shared with a reader thread.

@@ -478,14 +478,14 @@ fn validate_buffer(ctx: &mut Ctx<'_>, raw: RawBuffer) -> BufferConfig {
     let commit_linger = ctx.duration(
         "buffer.commit_linger",
         &raw.commit_linger,
-        Duration::from_millis(1),
+        Duration::ZERO,
         Duration::ZERO,
         Duration::from_secs(1),
     );
     let cache_size = ctx.size(
         "buffer.cache_size",
         &raw.cache_size,
-        4 << 20,
+        1 << 20,
         256 << 10,
         1 << 30,
     );

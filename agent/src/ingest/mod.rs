@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_util::sync::CancellationToken;
 
 use crate::record::Record;
-use crate::store::{AppendError, Store, StreamId};
+use crate::store::{AppendError, Refused, Store, StreamId};
 
 /// Counters for one ingest source (exported as metrics later; logged at shutdown).
 #[derive(Debug, Default)]
@@ -58,22 +58,35 @@ pub async fn append_waiting_for_space(
     cancel: &CancellationToken,
     source: &str,
 ) -> Result<u64, AppendError> {
-    let mut freed = store.freed();
+    let mut record = record;
+    let mut freed: Option<tokio::sync::watch::Receiver<u64>> = None;
     let mut warned = false;
     loop {
-        freed.borrow_and_update();
-        match store.append(stream, record.clone()).await {
-            Err(AppendError::Full) => {
+        match store.append_or_return(stream, record).await {
+            Ok(seq) => return Ok(seq),
+            Err(Refused {
+                error: AppendError::Full,
+                record: Some(back),
+            }) => {
+                record = back;
+                // Subscribe on the first refusal, then try again before waiting: space
+                // freed between the refusal and the subscription is not missed.
+                let Some(rx) = freed.as_mut() else {
+                    let mut rx = store.freed();
+                    rx.borrow_and_update();
+                    freed = Some(rx);
+                    continue;
+                };
                 if !warned {
                     tracing::warn!(%source, "buffer full (reject-new): holding this producer until space frees");
                     warned = true;
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return Err(AppendError::Closed),
-                    changed = freed.changed() => if changed.is_err() { return Err(AppendError::Closed) },
+                    changed = rx.changed() => if changed.is_err() { return Err(AppendError::Closed) },
                 }
             }
-            other => return other,
+            Err(refused) => return Err(refused.error),
         }
     }
 }

@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use codec::{GapReason, StreamState};
 pub use retention::{Budget, WhenFull, DATA_FRACTION_PERCENT};
@@ -83,8 +83,8 @@ impl StoreOptions {
             budget: Budget::from_max_size(max_size, when_full),
             max_age: Duration::from_secs(2 * 3600),
             commit_max_records: 512,
-            commit_linger: Duration::from_millis(1),
-            cache_size: 4 << 20,
+            commit_linger: Duration::ZERO,
+            cache_size: 1 << 20,
             queue_depth: 4096,
             maintenance_interval: Duration::from_secs(1),
             clock: Arc::new(crate::record::now_ms),
@@ -133,6 +133,14 @@ pub enum AppendError {
     Closed,
 }
 
+/// A refused append: why, and the record itself when the writer still had it, so a
+/// producer can retry without keeping its own copy.
+#[derive(Debug)]
+pub struct Refused {
+    pub error: AppendError,
+    pub record: Option<Record>,
+}
+
 /// Per-stream figures after the latest commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamStats {
@@ -169,7 +177,7 @@ pub(crate) enum Request {
     Append {
         stream: StreamId,
         record: Record,
-        reply: oneshot::Sender<Result<u64, AppendError>>,
+        reply: oneshot::Sender<Result<u64, Refused>>,
     },
     Ack {
         stream: StreamId,
@@ -185,7 +193,7 @@ pub(crate) enum Request {
 /// Cheap, cloneable handle to the store.
 #[derive(Clone)]
 pub struct Store {
-    tx: flume::Sender<Request>,
+    tx: mpsc::Sender<Request>,
     db: Arc<Database>,
     path: Arc<PathBuf>,
     epoch: u64,
@@ -207,7 +215,7 @@ impl std::fmt::Debug for Store {
 /// Owns the writer thread; `close` stops it after everything queued is committed.
 #[derive(Debug)]
 pub struct StoreThread {
-    tx: flume::Sender<Request>,
+    tx: Option<mpsc::Sender<Request>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -215,7 +223,9 @@ impl StoreThread {
     /// Commit what is queued, stop the writer and wait for it. Blocking: call from
     /// `spawn_blocking` or outside the runtime.
     pub fn close(mut self) {
-        let _ = self.tx.send(Request::Shutdown);
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.blocking_send(Request::Shutdown);
+        }
         if let Some(h) = self.handle.take() {
             if h.join().is_err() {
                 tracing::error!("store writer thread panicked");
@@ -226,8 +236,13 @@ impl StoreThread {
 
 impl Drop for StoreThread {
     fn drop(&mut self) {
+        // Only reached on early-exit paths; never block on a full queue here (this may
+        // run inside the async runtime): our sender is dropped either way, so the writer
+        // also stops once the last `Store` handle is gone.
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.try_send(Request::Shutdown);
+        }
         if let Some(h) = self.handle.take() {
-            let _ = self.tx.send(Request::Shutdown);
             let _ = h.join();
         }
     }
@@ -235,7 +250,7 @@ impl Drop for StoreThread {
 
 /// A submitted append; resolves once the record is committed (or refused).
 #[derive(Debug)]
-pub struct PendingAppend(oneshot::Receiver<Result<u64, AppendError>>);
+pub struct PendingAppend(oneshot::Receiver<Result<u64, Refused>>);
 
 impl std::future::Future for PendingAppend {
     type Output = Result<u64, AppendError>;
@@ -243,15 +258,25 @@ impl std::future::Future for PendingAppend {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(AppendError::Closed)))
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| {
+            r.unwrap_or(Err(Refused {
+                error: AppendError::Closed,
+                record: None,
+            }))
+            .map_err(|r| r.error)
+        })
     }
 }
 
 impl PendingAppend {
     pub fn blocking_wait(self) -> Result<u64, AppendError> {
-        self.0.blocking_recv().unwrap_or(Err(AppendError::Closed))
+        self.0
+            .blocking_recv()
+            .unwrap_or(Err(Refused {
+                error: AppendError::Closed,
+                record: None,
+            }))
+            .map_err(|r| r.error)
     }
 }
 
@@ -266,7 +291,11 @@ impl Store {
         }
         let opened = schema::open(&opts.path, opts.cache_size)?;
         let db = Arc::new(opened.db);
-        let (tx, rx) = flume::bounded(opts.queue_depth.max(1));
+        let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
+        let inbox = writer::Inbox::new(rx).map_err(|source| StoreError::Io {
+            path: opts.path.clone(),
+            source,
+        })?;
         let state = writer::load_state(&db, &opts.path)?;
         let names: HashMap<String, StreamId> = state
             .streams
@@ -281,7 +310,7 @@ impl Store {
             db.clone(),
             opts,
             state,
-            rx,
+            inbox,
             writer::Signals {
                 committed: committed_tx,
                 freed: freed_tx,
@@ -313,7 +342,7 @@ impl Store {
         Ok((
             store,
             StoreThread {
-                tx,
+                tx: Some(tx),
                 handle: Some(handle),
             },
         ))
@@ -338,10 +367,7 @@ impl Store {
             name: name.to_owned(),
             reply,
         });
-        self.tx
-            .send_async(req)
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.tx.send(req).await.map_err(|_| StoreError::Closed)?;
         let id = rx.await.map_err(|_| StoreError::Closed)??;
         self.remember_stream(name, id);
         Ok(id)
@@ -356,7 +382,7 @@ impl Store {
             name: name.to_owned(),
             reply,
         });
-        self.tx.send(req).map_err(|_| StoreError::Closed)?;
+        self.tx.blocking_send(req).map_err(|_| StoreError::Closed)?;
         let id = rx.blocking_recv().map_err(|_| StoreError::Closed)??;
         self.remember_stream(name, id);
         Ok(id)
@@ -384,10 +410,7 @@ impl Store {
             record,
             reply,
         });
-        self.tx
-            .send_async(req)
-            .await
-            .map_err(|_| AppendError::Closed)?;
+        self.tx.send(req).await.map_err(|_| AppendError::Closed)?;
         Ok(PendingAppend(rx))
     }
 
@@ -402,13 +425,36 @@ impl Store {
             record,
             reply,
         });
-        self.tx.send(req).map_err(|_| AppendError::Closed)?;
+        self.tx
+            .blocking_send(req)
+            .map_err(|_| AppendError::Closed)?;
         Ok(PendingAppend(rx))
     }
 
     /// Append and wait for the commit; returns the record's sequence number.
     pub async fn append(&self, stream: StreamId, record: Record) -> Result<u64, AppendError> {
         self.submit(stream, record).await?.await
+    }
+
+    /// Like [`Store::append`], but a refused record comes back with the refusal, so the
+    /// caller can retry it without cloning it up front.
+    pub async fn append_or_return(&self, stream: StreamId, record: Record) -> Result<u64, Refused> {
+        let (req, rx) = call(|reply| Request::Append {
+            stream,
+            record,
+            reply,
+        });
+        if let Err(mpsc::error::SendError(Request::Append { record, .. })) = self.tx.send(req).await
+        {
+            return Err(Refused {
+                error: AppendError::Closed,
+                record: Some(record),
+            });
+        }
+        rx.await.unwrap_or(Err(Refused {
+            error: AppendError::Closed,
+            record: None,
+        }))
     }
 
     /// Delete records confirmed upstream. Waits for the commit.
@@ -421,10 +467,7 @@ impl Store {
             seqs,
             reply: Some(reply),
         });
-        self.tx
-            .send_async(req)
-            .await
-            .map_err(|_| AppendError::Closed)?;
+        self.tx.send(req).await.map_err(|_| AppendError::Closed)?;
         rx.await.unwrap_or(Err(AppendError::Closed))
     }
 
@@ -434,23 +477,22 @@ impl Store {
             seqs,
             reply: Some(reply),
         });
-        self.tx.send(req).map_err(|_| AppendError::Closed)?;
+        self.tx
+            .blocking_send(req)
+            .map_err(|_| AppendError::Closed)?;
         rx.blocking_recv().unwrap_or(Err(AppendError::Closed))
     }
 
     /// Run retention by age now (it also runs every `maintenance_interval`).
     pub async fn maintain(&self) -> Result<(), StoreError> {
         let (req, rx) = call(|reply| Request::Maintain { reply });
-        self.tx
-            .send_async(req)
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.tx.send(req).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)
     }
 
     pub fn maintain_blocking(&self) -> Result<(), StoreError> {
         let (req, rx) = call(|reply| Request::Maintain { reply });
-        self.tx.send(req).map_err(|_| StoreError::Closed)?;
+        self.tx.blocking_send(req).map_err(|_| StoreError::Closed)?;
         rx.blocking_recv().map_err(|_| StoreError::Closed)
     }
 

@@ -12,12 +12,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::codec::{self, GapReason, GapValue, StreamState};
 use super::retention::{self, Admission, Head};
 use super::schema::{GAPS, RECORDS, STREAMS, STREAM_STATE};
-use super::{AppendError, Request, StoreError, StoreOptions, StoreStats, StreamId, StreamStats};
+use super::{
+    AppendError, Refused, Request, StoreError, StoreOptions, StoreStats, StreamId, StreamStats,
+};
 
 /// At most this many records are evicted by age in one transaction, so a huge expired
 /// backlog does not make one commit (and every producer waiting on it) arbitrarily slow.
@@ -103,6 +105,46 @@ pub fn load_state(db: &Database, path: &Path) -> Result<State, StoreError> {
     Ok(state)
 }
 
+/// The writer's end of the request queue: tokio's mpsc (lock-free for the many async
+/// producers) with blocking, deadline-bounded receives for this thread, driven by a tiny
+/// current-thread runtime that only runs timers.
+pub struct Inbox {
+    rx: mpsc::Receiver<Request>,
+    rt: tokio::runtime::Runtime,
+}
+
+enum Recv {
+    Got(Request),
+    Timeout,
+    Closed,
+}
+
+impl Inbox {
+    pub fn new(rx: mpsc::Receiver<Request>) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        Ok(Self { rx, rt })
+    }
+
+    fn try_recv(&mut self) -> Option<Request> {
+        self.rx.try_recv().ok()
+    }
+
+    fn recv_until(&mut self, deadline: Instant) -> Recv {
+        let rx = &mut self.rx;
+        let deadline = tokio::time::Instant::from_std(deadline);
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await })
+        {
+            Ok(Some(r)) => Recv::Got(r),
+            Ok(None) => Recv::Closed,
+            Err(_) => Recv::Timeout,
+        }
+    }
+}
+
 pub struct Signals {
     pub committed: watch::Sender<u64>,
     pub freed: watch::Sender<u64>,
@@ -113,7 +155,7 @@ pub struct Writer {
     db: Arc<Database>,
     opts: StoreOptions,
     state: State,
-    rx: flume::Receiver<Request>,
+    rx: Inbox,
     signals: Signals,
     scratch: Vec<u8>,
 }
@@ -124,10 +166,7 @@ enum Reply {
         oneshot::Sender<Result<StreamId, StoreError>>,
         Result<StreamId, StoreError>,
     ),
-    Append(
-        oneshot::Sender<Result<u64, AppendError>>,
-        Result<u64, AppendError>,
-    ),
+    Append(oneshot::Sender<Result<u64, Refused>>, Result<u64, Refused>),
     Ack(Option<oneshot::Sender<Result<(), AppendError>>>),
     Maintain(oneshot::Sender<()>),
 }
@@ -160,8 +199,12 @@ impl Reply {
                     detail: detail.to_owned(),
                 }));
             }
-            Reply::Append(tx, _) => {
-                let _ = tx.send(Err(AppendError::Storage(detail.to_owned())));
+            Reply::Append(tx, r) => {
+                let record = r.err().and_then(|refused| refused.record);
+                let _ = tx.send(Err(Refused {
+                    error: AppendError::Storage(detail.to_owned()),
+                    record,
+                }));
             }
             Reply::Ack(Some(tx)) => {
                 let _ = tx.send(Err(AppendError::Storage(detail.to_owned())));
@@ -188,7 +231,7 @@ impl Writer {
         db: Arc<Database>,
         opts: StoreOptions,
         state: State,
-        rx: flume::Receiver<Request>,
+        rx: Inbox,
         signals: Signals,
     ) -> Self {
         Self {
@@ -207,13 +250,13 @@ impl Writer {
         loop {
             let first = if shutting_down {
                 match self.rx.try_recv() {
-                    Ok(r) => r,
-                    Err(_) => break,
+                    Some(r) => r,
+                    None => break,
                 }
             } else {
-                match self.rx.recv_deadline(next_maintenance) {
-                    Ok(r) => r,
-                    Err(flume::RecvTimeoutError::Timeout) => {
+                match self.rx.recv_until(next_maintenance) {
+                    Recv::Got(r) => r,
+                    Recv::Timeout => {
                         let more = self.commit(Vec::new(), true);
                         next_maintenance = if more {
                             Instant::now()
@@ -222,7 +265,7 @@ impl Writer {
                         };
                         continue;
                     }
-                    Err(flume::RecvTimeoutError::Disconnected) => break,
+                    Recv::Closed => break,
                 }
             };
             let mut batch = Vec::with_capacity(64);
@@ -236,13 +279,13 @@ impl Writer {
             }
             let linger_until = Instant::now() + self.opts.commit_linger;
             while batch.len() < self.opts.commit_max_records {
-                let next = if shutting_down {
-                    self.rx.try_recv().ok()
-                } else {
-                    match self.rx.try_recv() {
-                        Ok(r) => Some(r),
-                        Err(_) => self.rx.recv_deadline(linger_until).ok(),
-                    }
+                let next = match self.rx.try_recv() {
+                    Some(r) => Some(r),
+                    None if shutting_down || self.opts.commit_linger.is_zero() => None,
+                    None => match self.rx.recv_until(linger_until) {
+                        Recv::Got(r) => Some(r),
+                        Recv::Timeout | Recv::Closed => None,
+                    },
                 };
                 match next {
                     Some(Request::Shutdown) => shutting_down = true,
@@ -405,7 +448,15 @@ impl Writer {
                 reply,
             } => {
                 let res = self.append(work, t, stream, &record, fx)?;
-                Reply::Append(reply, res)
+                // A refused record goes back to its producer, which may retry it
+                // without having kept a copy.
+                Reply::Append(
+                    reply,
+                    res.map_err(|error| Refused {
+                        error,
+                        record: Some(record),
+                    }),
+                )
             }
             Request::Ack {
                 stream,

@@ -27,8 +27,11 @@ use crate::config::UpstreamConfig;
 use crate::record::StoredRecord;
 use crate::store::{AppendError, Store, StoreError, StreamId};
 
-/// Read at most this much payload from the store per chunk.
-const READ_CHUNK_BYTES: usize = 1 << 20;
+/// The store is read ahead in chunks of at most this many records and bytes: one read
+/// transaction (and one blocking-pool hop) serves many publishes, and memory held for
+/// read-ahead stays small whatever the backlog.
+const READ_CHUNK_RECORDS: usize = 512;
+const READ_CHUNK_BYTES: usize = 256 << 10;
 /// Ack (delete) transactions in flight to the store writer at once.
 const MAX_ACK_COMMITS: usize = 4;
 /// On shutdown, wait this long for outstanding PUBACKs before disconnecting.
@@ -137,10 +140,9 @@ impl Passthrough {
                         if caught_up {
                             break;
                         }
-                        let want = (window - inflight.len()).clamp(16, 1024);
                         match self
                             .store
-                            .read(self.stream, cursor, want, READ_CHUNK_BYTES)
+                            .read(self.stream, cursor, READ_CHUNK_RECORDS, READ_CHUNK_BYTES)
                             .await
                         {
                             Ok(chunk) if chunk.is_empty() => {
