@@ -27,3 +27,9 @@ apt-get update -qq
 # Where the mosquitto package starts a system broker on :1883, nothing here minds: the
 # tests start their own brokers on free ports.
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The tests and scripts/run.sh start their own mosquitto processes; a system broker the
+# package just enabled would only hold port 1883 (where edgerelay's local endpoint goes).
+if [[ " ${missing[*]} " == *" mosquitto "* ]] && [ -d /run/systemd/system ]; then
+  echo "disabling the mosquitto system service the package started (the project runs its own brokers)"
+  systemctl disable --now mosquitto.service >/dev/null 2>&1 || true
+fi

@@ -582,3 +582,120 @@ async fn same_client_id_takes_over_the_session() {
     .await;
     assert!(ended.is_ok(), "the first connection was not closed");
 }
+
+#[test]
+fn max_connections_refuses_the_excess() {
+    let s = setup(r##"["#"]"##, "max_connections = 3\n", &[]);
+    // Distinct client ids: the same id would take the older session over instead.
+    let connect = |n: u8| {
+        [
+            0x10u8,
+            0x0d,
+            0x00,
+            0x04,
+            b'M',
+            b'Q',
+            b'T',
+            b'T',
+            0x04,
+            0x02,
+            0x00,
+            0x3c,
+            0x00,
+            0x01,
+            b'a' + n,
+        ]
+    };
+    let mut held = Vec::new();
+    for n in 0..3 {
+        let mut t = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+        t.write_all(&connect(n)).expect("CONNECT");
+        let mut ack = [0u8; 4];
+        t.read_exact(&mut ack).expect("CONNACK");
+        held.push(t);
+    }
+    let mut extra = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    let _ = extra.write_all(&connect(3));
+    extra.set_read_timeout(Some(SOON)).expect("timeout");
+    let mut buf = Vec::new();
+    let _ = extra.read_to_end(&mut buf);
+    assert!(
+        buf.is_empty(),
+        "the fourth connection is closed without a CONNACK, got {buf:?}\n{}",
+        s.agent.logs()
+    );
+    s.agent.wait_for_log("max_connections reached", SOON);
+    // A slot frees when a client leaves.
+    drop(held.pop());
+    wait_until("a free slot to be usable", SOON, || {
+        let mut t = TcpStream::connect(("127.0.0.1", s.port)).ok()?;
+        t.write_all(&connect(4)).ok()?;
+        t.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut ack = [0u8; 4];
+        t.read_exact(&mut ack).ok().map(|_| ())
+    });
+}
+
+/// MQTT 5: a client sending more unacknowledged QoS 1 publishes than the receive
+/// maximum the server announced is disconnected with reason 0x93. The commits are held
+/// so that nothing is acknowledged meanwhile.
+#[test]
+fn mqtt5_receive_maximum_is_enforced() {
+    use rumqttc::v5::mqttbytes::v5::{Connect, Packet, Publish};
+    use rumqttc::v5::mqttbytes::QoS;
+    let hold_dir = tempfile::tempdir().expect("tempdir");
+    let hold = hold_dir.path().join("hold");
+    std::fs::write(&hold, b"").expect("hold");
+    let s = setup(
+        r##"["#"]"##,
+        "receive_maximum = 4\n",
+        &[("EDGERELAY_TEST_HOLD_COMMITS", &hold.display().to_string())],
+    );
+    let mut bytes = bytes::BytesMut::new();
+    let connect = Connect {
+        keep_alive: 30,
+        client_id: "greedy".into(),
+        clean_start: true,
+        properties: None,
+    };
+    Packet::Connect(connect, None, None)
+        .write(&mut bytes, None)
+        .expect("encode");
+    for pkid in 1..=5u16 {
+        let mut p = Publish::new(
+            "greedy/t",
+            QoS::AtLeastOnce,
+            format!("m{pkid}").into_bytes(),
+            None,
+        );
+        p.pkid = pkid;
+        Packet::Publish(p).write(&mut bytes, None).expect("encode");
+    }
+    let mut t = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    t.write_all(&bytes).expect("write");
+    t.set_read_timeout(Some(SOON)).expect("timeout");
+    let mut got = Vec::new();
+    let _ = t.read_to_end(&mut got);
+    eprintln!("raw: {got:02x?}");
+    let mut buf = bytes::BytesMut::from(&got[..]);
+    let mut packets = Vec::new();
+    while !buf.is_empty() {
+        packets.push(Packet::read(&mut buf, None).expect("server packets parse"));
+    }
+    assert!(
+        matches!(packets.first(), Some(Packet::ConnAck(_))),
+        "{packets:?}"
+    );
+    assert!(
+        !packets.iter().any(|p| matches!(p, Packet::PubAck(_))),
+        "nothing acknowledged while commits are held"
+    );
+    match packets.last() {
+        Some(Packet::Disconnect(d)) => assert_eq!(
+            d.reason_code,
+            rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::ReceiveMaximumExceeded
+        ),
+        other => panic!("expected DISCONNECT 0x93, got {other:?}"),
+    }
+    std::fs::remove_file(&hold).expect("release");
+}

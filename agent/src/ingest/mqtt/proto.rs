@@ -631,39 +631,34 @@ pub fn encode(out: &Out, version: Version, buf: &mut BytesMut) -> Result<(), Pro
                     properties: None,
                 }),
                 Out::Disconnect(reason) => {
-                    v5::Packet::Disconnect(v5::Disconnect::new(match reason {
-                        DisconnectReason::SessionTakenOver => {
-                            v5::DisconnectReasonCode::SessionTakenOver
-                        }
-                        DisconnectReason::KeepAliveTimeout => {
-                            v5::DisconnectReasonCode::KeepAliveTimeout
-                        }
-                        DisconnectReason::PacketTooLarge => {
-                            v5::DisconnectReasonCode::PacketTooLarge
-                        }
-                        DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
-                        DisconnectReason::MalformedPacket => {
-                            v5::DisconnectReasonCode::MalformedPacket
-                        }
-                        DisconnectReason::ReceiveMaximumExceeded => {
-                            v5::DisconnectReasonCode::ReceiveMaximumExceeded
-                        }
-                        DisconnectReason::TopicAliasInvalid => {
-                            v5::DisconnectReasonCode::TopicAliasInvalid
-                        }
-                        DisconnectReason::TopicNameInvalid => {
-                            v5::DisconnectReasonCode::TopicNameInvalid
-                        }
-                        DisconnectReason::ShuttingDown => {
-                            v5::DisconnectReasonCode::ServerShuttingDown
-                        }
-                    }))
+                    // Written by hand: rumqttc 0.25's v5 DISCONNECT encoder adds an
+                    // uncounted byte without properties and, with empty ones, takes a
+                    // shortcut that writes a *normal* disconnect and drops the reason.
+                    // Reason code and an empty property list: the form every client
+                    // parses (rumqttc's reader rejects the shorter reason-only form).
+                    buf.extend_from_slice(&[0xE0, 0x02, v5_reason(*reason) as u8, 0x00]);
+                    return Ok(());
                 }
             };
             p.write(buf, None).map_err(|e| err(e.to_string()))?;
         }
     }
     Ok(())
+}
+
+fn v5_reason(reason: DisconnectReason) -> v5::DisconnectReasonCode {
+    use v5::DisconnectReasonCode as C;
+    match reason {
+        DisconnectReason::SessionTakenOver => C::SessionTakenOver,
+        DisconnectReason::KeepAliveTimeout => C::KeepAliveTimeout,
+        DisconnectReason::PacketTooLarge => C::PacketTooLarge,
+        DisconnectReason::ProtocolError => C::ProtocolError,
+        DisconnectReason::MalformedPacket => C::MalformedPacket,
+        DisconnectReason::ReceiveMaximumExceeded => C::ReceiveMaximumExceeded,
+        DisconnectReason::TopicAliasInvalid => C::TopicAliasInvalid,
+        DisconnectReason::TopicNameInvalid => C::TopicNameInvalid,
+        DisconnectReason::ShuttingDown => C::ServerShuttingDown,
+    }
 }
 
 #[cfg(test)]

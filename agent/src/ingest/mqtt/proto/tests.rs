@@ -247,6 +247,14 @@ fn server_packets_round_trip_through_rumqttc() {
             },
             Out::UnsubAck { pkid: 5, count: 1 },
             Out::PingResp,
+            Out::PubAck {
+                pkid: 7,
+                quota_exceeded: true,
+            },
+            Out::PubRec {
+                pkid: 8,
+                quota_exceeded: true,
+            },
             Out::Publish {
                 topic: "a/b".into(),
                 payload: Bytes::from_static(b"z"),
@@ -259,6 +267,13 @@ fn server_packets_round_trip_through_rumqttc() {
         for o in &outs {
             encode(o, version, &mut buf).expect("encode");
         }
+        encode(
+            &Out::Disconnect(DisconnectReason::ReceiveMaximumExceeded),
+            version,
+            &mut buf,
+        )
+        .expect("encode");
+        let outs_len = outs.len() + usize::from(version == Version::V5);
         let mut n = 0;
         match version {
             Version::V311 => {
@@ -274,7 +289,8 @@ fn server_packets_round_trip_through_rumqttc() {
                 }
             }
         }
-        assert_eq!(n, outs.len());
+        // Every byte belongs to a packet: nothing left over, nothing short.
+        assert_eq!(n, outs_len);
     }
 }
 
