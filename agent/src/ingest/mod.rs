@@ -46,6 +46,8 @@ pub enum IngestError {
     },
     #[error("cannot listen on {listen}: {reason}")]
     UnixPath { listen: String, reason: String },
+    #[error("local MQTT endpoint: {0}")]
+    Auth(#[from] mqtt::auth::AuthError),
 }
 
 /// Append `record` and wait for its commit; while the buffer is full (reject-new), wait

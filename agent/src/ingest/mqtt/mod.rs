@@ -111,12 +111,7 @@ impl LocalMqtt {
     ) -> Result<Self, IngestError> {
         let listen = format!("mqtt://{}", cfg.listen);
         let auth = match &cfg.password_file {
-            Some(p) => Some(Arc::new(auth::PasswordFile::load(p).map_err(|e| {
-                IngestError::UnixPath {
-                    listen: listen.clone(),
-                    reason: e.to_string(),
-                }
-            })?)),
+            Some(p) => Some(Arc::new(auth::PasswordFile::load(p)?)),
             None => None,
         };
         let listener = TcpListener::bind(cfg.listen)

@@ -38,6 +38,8 @@ use crate::topic;
 
 /// Buffered output above which the connection stops reading and taking fan-out.
 const OUT_HIGH_WATER: usize = 256 * 1024;
+/// QoS 1 deliveries to one local subscriber awaiting its PUBACK, at most.
+const MAX_OUT_INFLIGHT: usize = 256;
 /// After a shutdown request, wait this long for commits in flight to be acknowledged.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
 
@@ -139,7 +141,10 @@ pub async fn serve(
         awaiting_rel: HashSet::new(),
         inflight_out: HashMap::new(),
         next_pkid: 0,
-        client_receive_max: usize::from(connect.receive_maximum.unwrap_or(u16::MAX)),
+        // Our own cap too: a subscriber that stops acknowledging holds at most this many
+        // deliveries (and their packet ids); the router drops the rest for it.
+        client_receive_max: usize::from(connect.receive_maximum.unwrap_or(u16::MAX))
+            .min(MAX_OUT_INFLIGHT),
         cancel: cancel.clone(),
     };
     let end = conn
