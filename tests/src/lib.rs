@@ -205,11 +205,35 @@ pub fn build_agent(features: &[&str]) -> PathBuf {
     bin
 }
 
-/// Lines the agent wrote to stderr, shared with a reader thread.
+/// Output lines of a child process, shared with the thread that reads them.
 #[derive(Default)]
 struct LogBuf {
     lines: Mutex<Vec<String>>,
     changed: Condvar,
+}
+
+impl LogBuf {
+    /// Block until `pred` holds over the lines so far, or panic naming `what`.
+    fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&[String]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lock().expect("log lock");
+        loop {
+            if pred(&lines) {
+                return;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out waiting for {what}; output so far:\n{}",
+                lines.join("\n")
+            );
+            lines = self
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .expect("log lock")
+                .0;
+        }
+    }
 }
 
 /// A running `edgerelay run` process.
@@ -283,25 +307,10 @@ impl Agent {
 
     /// Block until a log line contains `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self.log.lines.lock().expect("log lock");
-        loop {
-            if lines.iter().any(|l| l.contains(needle)) {
-                return;
-            }
-            let now = Instant::now();
-            assert!(
-                now < deadline,
-                "timed out waiting for agent log line {needle:?}; log so far:\n{}",
-                lines.join("\n")
-            );
-            lines = self
-                .log
-                .changed
-                .wait_timeout(lines, deadline - now)
-                .expect("log lock")
-                .0;
-        }
+        self.log
+            .wait_for(&format!("agent log line {needle:?}"), timeout, |lines| {
+                lines.iter().any(|l| l.contains(needle))
+            });
     }
 
     pub fn pid(&self) -> u32 {
@@ -566,25 +575,8 @@ impl MosquittoSub {
     }
 
     pub fn wait_for(&self, what: &str, pred: impl Fn(&[String]) -> bool, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self.lines.lines.lock().expect("lock");
-        loop {
-            if pred(&lines) {
-                return;
-            }
-            let now = Instant::now();
-            assert!(
-                now < deadline,
-                "timed out waiting for mosquitto_sub: {what}; output:\n{}",
-                lines.join("\n")
-            );
-            lines = self
-                .lines
-                .changed
-                .wait_timeout(lines, deadline - now)
-                .expect("lock")
-                .0;
-        }
+        self.lines
+            .wait_for(&format!("mosquitto_sub: {what}"), timeout, pred);
     }
 }
 

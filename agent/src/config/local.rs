@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::raw::{RawLocalBroker, RawLocalMqtt};
-use super::validate::{parse_url, resolve, Ctx};
+use super::validate::{resolve, Ctx};
 use super::{BufferConfig, LocalBrokerConfig, LocalMqttConfig};
 use crate::store::Budget;
 
@@ -102,17 +102,9 @@ pub(super) fn validate_local_broker(
     span: Option<Range<usize>>,
     gateway: &str,
 ) -> Option<LocalBrokerConfig> {
-    let url = ctx.required("local_broker.url", &raw.url, span.clone());
-    let endpoint = match (&url, &raw.url) {
-        (Some(u), Some(f)) => match parse_url(u) {
-            Ok(hp) => Some(hp),
-            Err(m) => {
-                ctx.err("local_broker.url", Some(f.span()), m);
-                None
-            }
-        },
-        _ => None,
-    };
+    let (url, endpoint) = ctx
+        .mqtt_url("local_broker.url", &raw.url, span.clone())
+        .unzip();
     if raw.topics.is_none() {
         ctx.err(
             "local_broker.topics",

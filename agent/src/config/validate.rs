@@ -236,6 +236,23 @@ impl Ctx<'_> {
         (user, secret)
     }
 
+    /// A required `mqtt://host[:port]` URL: (the URL, (host, port)).
+    pub(super) fn mqtt_url(
+        &mut self,
+        key: &str,
+        f: &Field<String>,
+        section_span: Option<Range<usize>>,
+    ) -> Option<(String, (String, u16))> {
+        let url = self.required(key, f, section_span)?;
+        match parse_url(&url) {
+            Ok(hp) => Some((url, hp)),
+            Err(m) => {
+                self.err(key, f.as_ref().map(|s| s.span()), m);
+                None
+            }
+        }
+    }
+
     /// A list of MQTT topic filters.
     pub(super) fn filters(
         &mut self,
@@ -680,17 +697,7 @@ fn validate_upstream(
     span: Option<Range<usize>>,
     agent: Option<&AgentConfig>,
 ) -> Option<UpstreamConfig> {
-    let url = ctx.required("upstream.url", &raw.url, span.clone());
-    let endpoint = match (&url, &raw.url) {
-        (Some(u), Some(f)) => match parse_url(u) {
-            Ok(hp) => Some(hp),
-            Err(m) => {
-                ctx.err("upstream.url", Some(f.span()), m);
-                None
-            }
-        },
-        _ => None,
-    };
+    let (url, endpoint) = ctx.mqtt_url("upstream.url", &raw.url, span.clone()).unzip();
     let gateway = agent.map(|a| a.gateway_id.as_str()).unwrap_or("gateway");
     let client_id = raw.client_id.as_ref().map_or_else(
         || format!("edgerelay-{gateway}"),
