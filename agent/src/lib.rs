@@ -13,6 +13,7 @@ pub mod record;
 pub mod store;
 pub mod topic;
 pub mod uplink;
+pub mod wire;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -32,6 +32,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Decode one batch payload (a file, or - for standard input) to JSON lines.
+    Decode {
+        /// The batch; "-" or nothing reads standard input.
+        file: Option<PathBuf>,
+        /// Where dictionaries are: files named by their 16-hex-digit id (optionally
+        /// prefixed "dict-"), as published at {topic_prefix}/dict/{id}.
+        #[arg(long)]
+        dict_dir: Option<PathBuf>,
+    },
     /// Print a `USER:HASH` line for [local_mqtt] password_file; the password is read
     /// from standard input (first line).
     HashPassword {
@@ -49,6 +58,13 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => config_failure(e),
+        },
+        Command::Decode { file, dict_dir } => match decode(file, dict_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("edgerelay decode: {e:#}");
+                ExitCode::from(1)
+            }
         },
         Command::HashPassword { user } => {
             let mut line = String::new();
@@ -88,6 +104,42 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn decode(file: Option<PathBuf>, dict_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut bytes = Vec::new();
+    match file.as_deref() {
+        None => std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("reading standard input")?,
+        Some(p) if p.as_os_str() == "-" => std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("reading standard input")?,
+        Some(p) => {
+            bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            bytes.len()
+        }
+    };
+    let lookup = |id: u64| {
+        let dir = dict_dir.as_ref()?;
+        [format!("{id:016x}"), format!("dict-{id:016x}")]
+            .iter()
+            .find_map(|name| std::fs::read(dir.join(name)).ok())
+            .map(edgerelay::wire::Dictionary::new)
+            .filter(|d| d.id == id)
+    };
+    let batch = edgerelay::wire::decode(&bytes, &lookup)?;
+    let mut out = std::io::stdout().lock();
+    for r in &batch.records {
+        match writeln!(out, "{}", edgerelay::wire::record_json(&batch.header, r)) {
+            Ok(()) => {}
+            // The reader went away (`| head`): not an error of ours.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 fn config_failure(e: ConfigError) -> ExitCode {

@@ -169,3 +169,52 @@ fn sigterm_stops_cleanly_and_quickly() {
     );
     assert!(log.contains("stopped"), "{log}");
 }
+
+#[test]
+fn decode_prints_the_committed_vectors_as_json_lines() {
+    let vectors = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors");
+    for name in ["batch-v1-none", "batch-v1-zstd", "batch-v1-zstd-dict"] {
+        let out = Command::new(agent_bin())
+            .arg("decode")
+            .arg("--dict-dir")
+            .arg(&vectors)
+            .arg(vectors.join(format!("{name}.bin")))
+            .output()
+            .expect("decode");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let expected =
+            std::fs::read_to_string(vectors.join(format!("{name}.jsonl"))).expect("jsonl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "{name}");
+    }
+    // Without the dictionary: a clear error, non-zero exit.
+    let out = Command::new(agent_bin())
+        .arg("decode")
+        .arg(vectors.join("batch-v1-zstd-dict.bin"))
+        .output()
+        .expect("decode");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("dictionary 9d458e698715ecd5 is not known")
+    );
+    // Garbage on standard input: an error for that input, not a panic.
+    let mut child = Command::new(agent_bin())
+        .arg("decode")
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("decode");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"not a batch at all")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"));
+}
