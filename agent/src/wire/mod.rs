@@ -77,6 +77,13 @@ impl Dictionary {
     }
 }
 
+/// Train a zstd dictionary of at most `max_size` bytes from sample payloads.
+pub fn train_dictionary(samples: &[&[u8]], max_size: usize) -> Result<Dictionary, WireError> {
+    let bytes = zstd::dict::from_samples(samples, max_size)
+        .map_err(|e| WireError::Compress(format!("dictionary training: {e}")))?;
+    Ok(Dictionary::new(bytes))
+}
+
 /// 64-bit FNV-1a of `bytes`, never 0 (0 means "no dictionary" on the wire). An
 /// identifier, not a security measure: the central side fetches the dictionary with
 /// that id from the broker the gateway published it to.
@@ -159,11 +166,73 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// Encode `records` (ascending seq, at least one) into one batch.
+/// Encodes batches with one compression setting; the zstd context (and dictionary) is
+/// prepared once and reused, which matters for small batches with a dictionary.
+pub struct Encoder {
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    dictionary: u64,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("zstd", &self.compressor.is_some())
+            .field("dictionary", &format_args!("{:016x}", self.dictionary))
+            .finish()
+    }
+}
+
+impl Encoder {
+    pub fn new(compression: Compression<'_>) -> Result<Self, WireError> {
+        let err = |e: std::io::Error| WireError::Compress(e.to_string());
+        Ok(match compression {
+            Compression::None => Self {
+                compressor: None,
+                dictionary: 0,
+            },
+            Compression::Zstd {
+                level,
+                dictionary: None,
+            } => Self {
+                compressor: Some(zstd::bulk::Compressor::new(level).map_err(err)?),
+                dictionary: 0,
+            },
+            Compression::Zstd {
+                level,
+                dictionary: Some(d),
+            } => Self {
+                compressor: Some(
+                    zstd::bulk::Compressor::with_dictionary(level, &d.bytes).map_err(err)?,
+                ),
+                dictionary: d.id,
+            },
+        })
+    }
+
+    /// Encode `records` (ascending seq, at least one) into one batch.
+    pub fn encode(
+        &mut self,
+        src: Source<'_>,
+        records: &[StoredRecord],
+    ) -> Result<Vec<u8>, WireError> {
+        encode_with(self, src, records)
+    }
+}
+
+/// Encode `records` (ascending seq, at least one) into one batch (one-off; keep an
+/// [`Encoder`] to encode many).
 pub fn encode(
     src: Source<'_>,
     records: &[StoredRecord],
     compression: Compression<'_>,
+) -> Result<Vec<u8>, WireError> {
+    Encoder::new(compression)?.encode(src, records)
+}
+
+fn encode_with(
+    enc: &mut Encoder,
+    src: Source<'_>,
+    records: &[StoredRecord],
 ) -> Result<Vec<u8>, WireError> {
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
         return Err(WireError::Invalid(
@@ -241,16 +310,13 @@ pub fn encode(
     }
     let body_len = body.len() as u32;
 
-    let (codec, dictionary, payload) = match compression {
-        Compression::None => (Codec::None, 0, body),
-        Compression::Zstd { level, dictionary } => {
-            let compressed = match dictionary {
-                Some(d) => zstd::bulk::Compressor::with_dictionary(level, &d.bytes)
-                    .and_then(|mut c| c.compress(&body)),
-                None => zstd::bulk::compress(&body, level),
-            }
-            .map_err(|e| WireError::Compress(e.to_string()))?;
-            (Codec::Zstd, dictionary.map_or(0, |d| d.id), compressed)
+    let (codec, dictionary, payload) = match enc.compressor.as_mut() {
+        None => (Codec::None, 0, body),
+        Some(c) => {
+            let compressed = c
+                .compress(&body)
+                .map_err(|e| WireError::Compress(e.to_string()))?;
+            (Codec::Zstd, enc.dictionary, compressed)
         }
     };
 
