@@ -9,6 +9,7 @@
 mod local;
 mod raw;
 mod render;
+mod sections;
 mod validate;
 
 use std::fmt;

@@ -14,8 +14,10 @@
 //! - Memory is bounded: a fixed redb cache, bounded request channel, bounded reads.
 
 mod codec;
+mod inbox;
 mod retention;
 mod schema;
+mod state;
 mod writer;
 
 use std::collections::HashMap;
@@ -292,11 +294,11 @@ impl Store {
         let opened = schema::open(&opts.path, opts.cache_size)?;
         let db = Arc::new(opened.db);
         let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
-        let inbox = writer::Inbox::new(rx).map_err(|source| StoreError::Io {
+        let inbox = inbox::Inbox::new(rx).map_err(|source| StoreError::Io {
             path: opts.path.clone(),
             source,
         })?;
-        let state = writer::load_state(&db, &opts.path)?;
+        let state = state::load_state(&db, &opts.path)?;
         let names: HashMap<String, StreamId> = state
             .streams
             .iter()

@@ -6,144 +6,22 @@
 //! Working state (per-stream counters) is copied per transaction and replaced only on a
 //! successful commit, so a failed commit (e.g. ENOSPC) leaves memory and disk agreeing.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
-use tokio::sync::{mpsc, oneshot, watch};
+use redb::{Database, ReadableTable, Table, WriteTransaction};
+use tokio::sync::{oneshot, watch};
 
 use super::codec::{self, GapReason, GapValue, StreamState};
+use super::inbox::{Inbox, Recv};
 use super::retention::{self, Admission, Head};
 use super::schema::{GAPS, RECORDS, STREAMS, STREAM_STATE};
-use super::{
-    AppendError, Refused, Request, StoreError, StoreOptions, StoreStats, StreamId, StreamStats,
-};
+use super::state::{State, StreamEntry};
+use super::{AppendError, Refused, Request, StoreError, StoreOptions, StoreStats, StreamId};
 
 /// At most this many records are evicted by age in one transaction, so a huge expired
 /// backlog does not make one commit (and every producer waiting on it) arbitrarily slow.
 const AGE_EVICT_CHUNK: usize = 10_000;
-
-#[derive(Debug, Clone)]
-pub struct StreamEntry {
-    pub name: String,
-    pub state: StreamState,
-    /// The newest gap row of this stream, extended while evictions stay contiguous.
-    pub open_gap: Option<(u64, GapValue)>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct State {
-    pub streams: BTreeMap<u16, StreamEntry>,
-    pub used: u64,
-    pub commits: u64,
-    pub rejected_full: u64,
-}
-
-impl State {
-    pub fn stats(&self, budget: u64) -> StoreStats {
-        StoreStats {
-            streams: self
-                .streams
-                .iter()
-                .map(|(id, s)| StreamStats {
-                    id: StreamId(*id),
-                    name: s.name.clone(),
-                    state: s.state,
-                })
-                .collect(),
-            used_bytes: self.used,
-            budget_bytes: budget,
-            commits: self.commits,
-            rejected_full: self.rejected_full,
-        }
-    }
-}
-
-pub fn load_state(db: &Database, path: &Path) -> Result<State, StoreError> {
-    let err = |e: &dyn std::fmt::Display| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    };
-    let txn = db.begin_read().map_err(|e| err(&e))?;
-    let names = txn.open_table(STREAMS).map_err(|e| err(&e))?;
-    let states = txn.open_table(STREAM_STATE).map_err(|e| err(&e))?;
-    let gaps = txn.open_table(GAPS).map_err(|e| err(&e))?;
-    let mut state = State::default();
-    for entry in names.iter().map_err(|e| err(&e))? {
-        let (name, id) = entry.map_err(|e| err(&e))?;
-        let id = id.value();
-        let st = match states.get(id).map_err(|e| err(&e))? {
-            Some(v) => StreamState::decode(v.value()).map_err(|e| err(&e))?,
-            None => StreamState::default(),
-        };
-        let open_gap = match gaps
-            .range((id, 0)..=(id, u64::MAX))
-            .map_err(|e| err(&e))?
-            .next_back()
-        {
-            Some(g) => {
-                let (k, v) = g.map_err(|e| err(&e))?;
-                Some((
-                    k.value().1,
-                    GapValue::decode(v.value()).map_err(|e| err(&e))?,
-                ))
-            }
-            None => None,
-        };
-        state.used += st.bytes;
-        state.streams.insert(
-            id,
-            StreamEntry {
-                name: name.value().to_owned(),
-                state: st,
-                open_gap,
-            },
-        );
-    }
-    Ok(state)
-}
-
-/// The writer's end of the request queue: tokio's mpsc (lock-free for the many async
-/// producers) with blocking, deadline-bounded receives for this thread, driven by a tiny
-/// current-thread runtime that only runs timers.
-pub struct Inbox {
-    rx: mpsc::Receiver<Request>,
-    rt: tokio::runtime::Runtime,
-}
-
-enum Recv {
-    Got(Request),
-    Timeout,
-    Closed,
-}
-
-impl Inbox {
-    pub fn new(rx: mpsc::Receiver<Request>) -> std::io::Result<Self> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()?;
-        Ok(Self { rx, rt })
-    }
-
-    fn try_recv(&mut self) -> Option<Request> {
-        self.rx.try_recv().ok()
-    }
-
-    fn recv_until(&mut self, deadline: Instant) -> Recv {
-        let rx = &mut self.rx;
-        let deadline = tokio::time::Instant::from_std(deadline);
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await })
-        {
-            Ok(Some(r)) => Recv::Got(r),
-            Ok(None) => Recv::Closed,
-            Err(_) => Recv::Timeout,
-        }
-    }
-}
 
 pub struct Signals {
     pub committed: watch::Sender<u64>,

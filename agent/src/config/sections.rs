@@ -1,0 +1,340 @@
+//! Validation of the core sections — `[agent]`, `[buffer]`, `[[socket]]`, `[upstream]` —
+//! from their raw form into typed config, every problem reported through `Ctx`.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroUsize};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::{RawAgent, RawBuffer, RawSocket, RawUpstream};
+use super::validate::{resolve, Ctx};
+use super::*;
+use crate::store::MIN_MAX_SIZE;
+
+pub(super) fn validate_agent(
+    ctx: &mut Ctx<'_>,
+    raw: Option<RawAgent>,
+    span: Option<Range<usize>>,
+    path: &Path,
+) -> Option<AgentConfig> {
+    let Some(raw) = raw else {
+        if span.is_none() {
+            ctx.err(
+                "agent",
+                None,
+                "section [agent] is required (gateway_id at least)",
+            );
+        }
+        return None;
+    };
+    let gateway_id = ctx.required("agent.gateway_id", &raw.gateway_id, span);
+    if let (Some(id), Some(f)) = (&gateway_id, &raw.gateway_id) {
+        let ok = id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !ok {
+            ctx.err(
+                "agent.gateway_id",
+                Some(f.span()),
+                "use 1 to 64 characters of A-Z a-z 0-9 - _ . (it becomes part of MQTT topics)",
+            );
+        }
+    }
+    let data_dir = raw
+        .data_dir
+        .as_ref()
+        .map_or(PathBuf::from("/var/lib/edgerelay"), |s| {
+            resolve(Path::new(s.get_ref()), path)
+        });
+    Some(AgentConfig {
+        gateway_id: gateway_id.unwrap_or_default(),
+        data_dir,
+    })
+}
+
+pub(super) fn validate_buffer(ctx: &mut Ctx<'_>, raw: RawBuffer) -> BufferConfig {
+    const TIB: u64 = 1 << 40;
+    let max_size = ctx.size(
+        "buffer.max_size",
+        &raw.max_size,
+        512 << 20,
+        MIN_MAX_SIZE,
+        16 * TIB,
+    );
+    let max_age = ctx.duration(
+        "buffer.max_age",
+        &raw.max_age,
+        Duration::from_secs(2 * 3600),
+        Duration::from_secs(1),
+        Duration::from_secs(365 * 24 * 3600),
+    );
+    let when_full = ctx.choice(
+        "buffer.when_full",
+        &raw.when_full,
+        &[
+            ("drop-oldest", WhenFull::DropOldest),
+            ("reject-new", WhenFull::RejectNew),
+        ],
+        WhenFull::DropOldest,
+    );
+    let commit_max_records = ctx.int(
+        "buffer.commit_max_records",
+        &raw.commit_max_records,
+        512,
+        1,
+        65_536,
+    );
+    let commit_linger = ctx.duration(
+        "buffer.commit_linger",
+        &raw.commit_linger,
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::from_secs(1),
+    );
+    let cache_size = ctx.size(
+        "buffer.cache_size",
+        &raw.cache_size,
+        1 << 20,
+        256 << 10,
+        1 << 30,
+    );
+    BufferConfig {
+        max_size,
+        max_age,
+        when_full,
+        commit_max_records: NonZeroUsize::new(commit_max_records as usize)
+            .unwrap_or(NonZeroUsize::MIN),
+        commit_linger,
+        cache_size,
+    }
+}
+
+pub(super) fn validate_socket(
+    ctx: &mut Ctx<'_>,
+    key: &str,
+    span: Range<usize>,
+    raw: RawSocket,
+    path: &Path,
+) -> Option<SocketConfig> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Tcp,
+        Udp,
+        Unix,
+    }
+    let kind_key = format!("{key}.kind");
+    let kind = match &raw.kind {
+        None => {
+            ctx.err(
+                kind_key,
+                Some(span.clone()),
+                "is required (\"tcp\", \"udp\" or \"unix\")",
+            );
+            None
+        }
+        Some(_) => {
+            let before = ctx.problems.len();
+            let k = ctx.choice(
+                &kind_key,
+                &raw.kind,
+                &[("tcp", Kind::Tcp), ("udp", Kind::Udp), ("unix", Kind::Unix)],
+                Kind::Tcp,
+            );
+            (ctx.problems.len() == before).then_some(k)
+        }
+    };
+    let listen_key = format!("{key}.listen");
+    let listen_raw = ctx.required(&listen_key, &raw.listen, Some(span.clone()));
+    let listen = match (kind, listen_raw) {
+        (Some(Kind::Unix), Some(p)) => Some(Listen::Unix(resolve(Path::new(&p), path))),
+        (Some(k), Some(a)) => match a.parse::<SocketAddr>() {
+            Ok(addr) if k == Kind::Tcp => Some(Listen::Tcp(addr)),
+            Ok(addr) => Some(Listen::Udp(addr)),
+            Err(_) => {
+                let s = raw.listen.as_ref().map(|s| s.span());
+                ctx.err(
+                    &listen_key,
+                    s,
+                    format!("{a:?} is not an address like \"127.0.0.1:7001\""),
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let framing_key = format!("{key}.framing");
+    let framing = match kind {
+        Some(Kind::Udp) => {
+            if let Some(f) = &raw.framing {
+                if f.get_ref() != "datagram" {
+                    ctx.err(&framing_key, Some(f.span()), "UDP sockets take one datagram per message: leave framing out or set \"datagram\"");
+                }
+            }
+            Framing::Datagram
+        }
+        _ => ctx.choice(
+            &framing_key,
+            &raw.framing,
+            &[
+                ("lines", Framing::Lines),
+                ("length-prefixed", Framing::LengthPrefixed),
+            ],
+            Framing::Lines,
+        ),
+    };
+    let topic_key = format!("{key}.topic");
+    let topic = ctx.required(&topic_key, &raw.topic, Some(span.clone()));
+    if let (Some(t), Some(f)) = (&topic, &raw.topic) {
+        if let Err(m) = crate::topic::check_name(t) {
+            ctx.err(&topic_key, Some(f.span()), m);
+        }
+    }
+    let max_message_size = ctx.size(
+        &format!("{key}.max_message_size"),
+        &raw.max_message_size,
+        64 << 10,
+        1,
+        256 << 20,
+    );
+    let ack = raw.ack.as_ref().is_some_and(|a| *a.get_ref());
+    if ack && kind == Some(Kind::Udp) {
+        let s = raw.ack.as_ref().map(|a| a.span());
+        ctx.err(
+            format!("{key}.ack"),
+            s,
+            "UDP has no connection to acknowledge on; only stream sockets support ack",
+        );
+    }
+    let max_connections = ctx.int(
+        &format!("{key}.max_connections"),
+        &raw.max_connections,
+        256,
+        1,
+        65_536,
+    );
+    Some(SocketConfig {
+        listen: listen?,
+        framing,
+        topic: topic?,
+        max_message_size: NonZeroUsize::new(max_message_size as usize).unwrap_or(NonZeroUsize::MIN),
+        ack,
+        max_connections: NonZeroUsize::new(max_connections as usize).unwrap_or(NonZeroUsize::MIN),
+    })
+}
+
+pub(super) fn check_duplicate_listens(ctx: &mut Ctx<'_>, sockets: &[SocketConfig]) {
+    for (i, a) in sockets.iter().enumerate() {
+        if sockets[..i].iter().any(|b| b.listen == a.listen) {
+            ctx.err(
+                format!("socket[{i}].listen"),
+                None,
+                format!("{} is used by an earlier [[socket]]", a.listen),
+            );
+        }
+    }
+}
+
+pub(super) fn validate_upstream(
+    ctx: &mut Ctx<'_>,
+    raw: RawUpstream,
+    span: Option<Range<usize>>,
+    agent: Option<&AgentConfig>,
+) -> Option<UpstreamConfig> {
+    let (url, endpoint) = ctx.mqtt_url("upstream.url", &raw.url, span.clone()).unzip();
+    let gateway = agent.map(|a| a.gateway_id.as_str()).unwrap_or("gateway");
+    let client_id = raw.client_id.as_ref().map_or_else(
+        || format!("edgerelay-{gateway}"),
+        |s| s.get_ref().replace("{gateway_id}", gateway),
+    );
+    if let Some(f) = &raw.client_id {
+        if client_id.is_empty() || client_id.len() > 65535 {
+            ctx.err(
+                "upstream.client_id",
+                Some(f.span()),
+                "must be 1 to 65535 bytes",
+            );
+        }
+    }
+    let topic_prefix = raw.topic_prefix.as_ref().map_or_else(
+        || format!("edgerelay/{gateway}"),
+        |s| s.get_ref().replace("{gateway_id}", gateway),
+    );
+    if let Some(f) = &raw.topic_prefix {
+        if topic_prefix.contains(['+', '#', '\0']) || topic_prefix.ends_with('/') {
+            ctx.err(
+                "upstream.topic_prefix",
+                Some(f.span()),
+                "must not contain + # or NUL, nor end with /",
+            );
+        }
+    }
+    let mode = match &raw.mode {
+        Some(m) if m.get_ref() == "batch" => {
+            ctx.err(
+                "upstream.mode",
+                Some(m.span()),
+                "batch mode is not available in this version of edgerelay yet; use \"passthrough\"",
+            );
+            UpstreamMode::Passthrough
+        }
+        _ => ctx.choice(
+            "upstream.mode",
+            &raw.mode,
+            &[("passthrough", UpstreamMode::Passthrough)],
+            UpstreamMode::Passthrough,
+        ),
+    };
+    let (username, password) =
+        ctx.credentials("upstream", &raw.username, &raw.password, &raw.password_file);
+    let keep_alive = ctx.duration(
+        "upstream.keep_alive",
+        &raw.keep_alive,
+        Duration::from_secs(30),
+        Duration::from_secs(5),
+        Duration::from_secs(65_535),
+    );
+    let inflight = ctx.int("upstream.inflight", &raw.inflight, 64, 1, 65_535);
+    let connect_timeout = ctx.duration(
+        "upstream.connect_timeout",
+        &raw.connect_timeout,
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    );
+    let reconnect_min = ctx.duration(
+        "upstream.reconnect_min",
+        &raw.reconnect_min,
+        Duration::from_millis(500),
+        Duration::from_millis(10),
+        Duration::from_secs(3600),
+    );
+    let reconnect_max = ctx.duration(
+        "upstream.reconnect_max",
+        &raw.reconnect_max,
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+        Duration::from_secs(3600),
+    );
+    if reconnect_min > reconnect_max {
+        let s = raw.reconnect_min.as_ref().map(|s| s.span());
+        ctx.err("upstream.reconnect_min", s, "must not exceed reconnect_max");
+    }
+    let (host, port) = endpoint?;
+    Some(UpstreamConfig {
+        host,
+        port,
+        url: url?,
+        client_id,
+        topic_prefix,
+        mode,
+        username,
+        password,
+        keep_alive,
+        inflight: NonZeroU16::new(inflight as u16).unwrap_or(NonZeroU16::MIN),
+        connect_timeout,
+        reconnect_min,
+        reconnect_max,
+    })
+}
