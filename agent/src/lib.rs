@@ -18,7 +18,7 @@ pub mod wire;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, UpstreamMode};
 use crate::ingest::socket::SocketIngest;
 use crate::store::{Budget, Store, StoreOptions};
 
@@ -33,6 +33,8 @@ pub enum RunError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Ingest(#[from] ingest::IngestError),
+    #[error(transparent)]
+    Uplink(#[from] uplink::forward::UplinkError),
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -88,8 +90,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     ingest.close();
 
     let uplink_cancel = CancellationToken::new();
+    let packer: Box<dyn uplink::forward::Packer> = match config.upstream.mode {
+        UpstreamMode::Passthrough => Box::new(uplink::PassthroughPacker {
+            prefix: config.upstream.topic_prefix.clone(),
+        }),
+        UpstreamMode::Batch => Box::new(uplink::batch::BatchPacker::new(
+            uplink::batch::BatchSettings {
+                prefix: config.upstream.topic_prefix.clone(),
+                gateway: config.agent.gateway_id.clone(),
+                stream: DEFAULT_STREAM.to_owned(),
+                epoch: store.epoch(),
+                batch_size: config.upstream.batch_size.get(),
+                linger: config.upstream.batch_linger,
+                level: config.compression.level,
+            },
+        )?),
+    };
     let uplink = tokio::spawn(
-        uplink::Passthrough::new(config.upstream, store.clone(), stream).run(uplink_cancel.clone()),
+        uplink::Forwarder::new(config.upstream, store.clone(), stream, packer)
+            .run(uplink_cancel.clone()),
     );
 
     tracing::info!(gateway_id = %config.agent.gateway_id, epoch = store.epoch(), "edgerelay ready");

@@ -23,11 +23,20 @@ pub use crate::store::WhenFull;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub agent: AgentConfig,
+    pub compression: CompressionConfig,
     pub buffer: BufferConfig,
     pub sockets: Vec<SocketConfig>,
     pub local_mqtt: Option<LocalMqttConfig>,
     pub local_broker: Option<LocalBrokerConfig>,
     pub upstream: UpstreamConfig,
+}
+
+/// How batches are compressed (`[compression]`).
+#[derive(Debug, Clone)]
+pub struct CompressionConfig {
+    /// zstd level; "auto" is 3 until the rate controller drives it.
+    pub level: i32,
+    pub auto_level: bool,
 }
 
 /// The embedded MQTT endpoint devices connect to.
@@ -115,7 +124,10 @@ pub struct SocketConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamMode {
+    /// One publish per record, unchanged.
     Passthrough,
+    /// Many records per publish in the wire format, zstd-compressed.
+    Batch,
 }
 
 /// A secret that never appears in logs or printed config.
@@ -145,6 +157,10 @@ pub struct UpstreamConfig {
     pub client_id: String,
     pub topic_prefix: String,
     pub mode: UpstreamMode,
+    /// Batch mode: records per batch at most...
+    pub batch_size: NonZeroUsize,
+    /// ...and how long a partial batch may wait for more once the buffer is drained.
+    pub batch_linger: Duration,
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub keep_alive: Duration,

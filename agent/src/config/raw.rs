@@ -53,6 +53,8 @@ pub struct RawUpstream {
     pub client_id: Field<String>,
     pub topic_prefix: Field<String>,
     pub mode: Field<String>,
+    pub batch_size: Field<i64>,
+    pub batch_linger: Field<String>,
     pub username: Field<String>,
     pub password: Field<String>,
     pub password_file: Field<String>,
@@ -86,4 +88,19 @@ pub struct RawLocalBroker {
     pub password: Field<String>,
     pub password_file: Field<String>,
     pub keep_alive: Field<String>,
+}
+
+/// A zstd level: a number, or "auto".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum LevelValue {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompression {
+    pub level: Field<LevelValue>,
+    pub dictionary: Field<String>,
 }

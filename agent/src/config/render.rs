@@ -138,6 +138,18 @@ pub fn render(c: &Config) -> String {
         root.insert("local_broker".into(), Value::Table(t));
     }
 
+    let mut comp = Table::new();
+    comp.insert(
+        "level".into(),
+        if c.compression.auto_level {
+            s("auto")
+        } else {
+            Value::Integer(i64::from(c.compression.level))
+        },
+    );
+    comp.insert("dictionary".into(), s("off"));
+    root.insert("compression".into(), Value::Table(comp));
+
     let u = &c.upstream;
     let mut up = Table::new();
     up.insert("url".into(), s(&u.url));
@@ -147,8 +159,14 @@ pub fn render(c: &Config) -> String {
         "mode".into(),
         s(match u.mode {
             UpstreamMode::Passthrough => "passthrough",
+            UpstreamMode::Batch => "batch",
         }),
     );
+    up.insert(
+        "batch_size".into(),
+        Value::Integer(u.batch_size.get() as i64),
+    );
+    up.insert("batch_linger".into(), dur(u.batch_linger));
     if let Some(name) = &u.username {
         up.insert("username".into(), s(name));
     }

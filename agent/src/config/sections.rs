@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawAgent, RawBuffer, RawSocket, RawUpstream};
+use super::raw::{LevelValue, RawAgent, RawBuffer, RawCompression, RawSocket, RawUpstream};
 use super::validate::{resolve, Ctx};
 use super::*;
 use crate::store::MIN_MAX_SIZE;
@@ -270,22 +270,23 @@ pub(super) fn validate_upstream(
             );
         }
     }
-    let mode = match &raw.mode {
-        Some(m) if m.get_ref() == "batch" => {
-            ctx.err(
-                "upstream.mode",
-                Some(m.span()),
-                "batch mode is not available in this version of edgerelay yet; use \"passthrough\"",
-            );
-            UpstreamMode::Passthrough
-        }
-        _ => ctx.choice(
-            "upstream.mode",
-            &raw.mode,
-            &[("passthrough", UpstreamMode::Passthrough)],
-            UpstreamMode::Passthrough,
-        ),
-    };
+    let mode = ctx.choice(
+        "upstream.mode",
+        &raw.mode,
+        &[
+            ("passthrough", UpstreamMode::Passthrough),
+            ("batch", UpstreamMode::Batch),
+        ],
+        UpstreamMode::Passthrough,
+    );
+    let batch_size = ctx.int("upstream.batch_size", &raw.batch_size, 1000, 1, 100_000);
+    let batch_linger = ctx.duration(
+        "upstream.batch_linger",
+        &raw.batch_linger,
+        Duration::from_secs(1),
+        Duration::ZERO,
+        Duration::from_secs(600),
+    );
     let (username, password) =
         ctx.credentials("upstream", &raw.username, &raw.password, &raw.password_file);
     let keep_alive = ctx.duration(
@@ -329,6 +330,8 @@ pub(super) fn validate_upstream(
         client_id,
         topic_prefix,
         mode,
+        batch_size: NonZeroUsize::new(batch_size as usize).unwrap_or(NonZeroUsize::MIN),
+        batch_linger,
         username,
         password,
         keep_alive,
@@ -337,4 +340,33 @@ pub(super) fn validate_upstream(
         reconnect_min,
         reconnect_max,
     })
+}
+
+pub(super) fn validate_compression(ctx: &mut Ctx<'_>, raw: RawCompression) -> CompressionConfig {
+    const DEFAULT_LEVEL: i32 = 3;
+    let (level, auto_level) = match &raw.level {
+        None => (DEFAULT_LEVEL, true),
+        Some(l) => match l.get_ref() {
+            LevelValue::Text(t) if t == "auto" => (DEFAULT_LEVEL, true),
+            LevelValue::Number(n) if (1..=19).contains(n) => (*n as i32, false),
+            other => {
+                ctx.err(
+                    "compression.level",
+                    Some(l.span()),
+                    format!("{other:?} is not \"auto\" or a zstd level from 1 to 19"),
+                );
+                (DEFAULT_LEVEL, true)
+            }
+        },
+    };
+    if let Some(d) = &raw.dictionary {
+        if d.get_ref() != "off" {
+            ctx.err(
+                "compression.dictionary",
+                Some(d.span()),
+                "only \"off\" is available in this version of edgerelay (trained and fixed dictionaries come with the central-side unpack)",
+            );
+        }
+    }
+    CompressionConfig { level, auto_level }
 }

@@ -217,7 +217,7 @@ fn local_mqtt_and_local_broker() {
 
 #[test]
 fn unsupported_sections_say_so() {
-    let problems = parse(&format!("{MINIMAL}\n[compression]\nlevel = 3\n")).expect_err("invalid");
+    let problems = parse(&format!("{MINIMAL}\n[rate]\nmax_rate = 3\n")).expect_err("invalid");
     assert!(
         problems[0].message.contains("not supported"),
         "{problems:?}"

@@ -2,10 +2,12 @@
 //! them only once the broker has acknowledged them.
 //!
 //! `session` is the MQTT connection (on rumqttc's packet codec), `backoff` the reconnect
-//! policy, `passthrough` the one-publish-per-record mode.
+//! policy, `forward` the loop that reads, publishes and acknowledges, with a packer per
+//! mode: passthrough (`forward::PassthroughPacker`) or batch (`batch::BatchPacker`).
 
 pub mod backoff;
-pub mod passthrough;
+pub mod batch;
+pub mod forward;
 pub mod session;
 
-pub use passthrough::Passthrough;
+pub use forward::{Forwarder, PassthroughPacker};

@@ -1,8 +1,12 @@
-//! Passthrough uplink: every stored record is published unchanged at QoS 1 to
-//! `{topic_prefix}/{topic}` and deleted from the store only after the broker's PUBACK.
+//! The forwarder: moves stored records upstream over one MQTT session at a time and
+//! deletes them from the store only after the broker's PUBACK.
+//!
+//! What one publish carries is the `Packer`'s business (passthrough: one record as it
+//! came; batch: many records in the wire format); everything else lives here once.
 //!
 //! Invariants:
-//! - A record is deleted only for a PUBACK whose packet id this session assigned to it.
+//! - A record is deleted only for a PUBACK whose packet id this session assigned to the
+//!   publish carrying it.
 //! - At most `inflight` publishes await PUBACK; the store is read in bounded chunks, so
 //!   memory does not depend on the backlog.
 //! - After any disconnect the next session starts again from the head of the stream:
@@ -15,6 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use rumqttc::mqttbytes::v4::Packet;
@@ -43,6 +48,59 @@ pub enum UplinkError {
     Session(#[from] SessionError),
     #[error("reading the buffer: {0}")]
     Store(#[from] StoreError),
+    #[error("encoding a batch: {0}")]
+    Encode(#[from] crate::wire::WireError),
+}
+
+/// One upstream publish and the stored records it carries.
+#[derive(Debug)]
+pub struct Unit {
+    pub topic: String,
+    pub payload: Bytes,
+    pub retain: bool,
+    pub seqs: Vec<u64>,
+}
+
+/// Turns queued records into publishes.
+pub trait Packer: Send + std::fmt::Debug {
+    /// Records a full publish takes (the forwarder reads ahead until it has them).
+    fn wants(&self) -> usize;
+    /// How long a partial publish may wait for more records once the store is drained.
+    fn linger(&self) -> Duration;
+    /// Take records from the front of `queue` for one publish. `flush`: the store is
+    /// drained and the linger has passed, so a partial publish must go now. `None`: wait.
+    fn pack(
+        &mut self,
+        queue: &mut VecDeque<StoredRecord>,
+        flush: bool,
+    ) -> Result<Option<Unit>, UplinkError>;
+}
+
+/// One record per publish, unchanged, to `{topic_prefix}/{topic}`.
+#[derive(Debug)]
+pub struct PassthroughPacker {
+    pub prefix: String,
+}
+
+impl Packer for PassthroughPacker {
+    fn wants(&self) -> usize {
+        1
+    }
+    fn linger(&self) -> Duration {
+        Duration::ZERO
+    }
+    fn pack(
+        &mut self,
+        queue: &mut VecDeque<StoredRecord>,
+        _flush: bool,
+    ) -> Result<Option<Unit>, UplinkError> {
+        Ok(queue.pop_front().map(|r| Unit {
+            topic: upstream_topic(&self.prefix, &r.record.topic),
+            payload: r.record.payload,
+            retain: r.record.retain,
+            seqs: vec![r.seq],
+        }))
+    }
 }
 
 type AckFuture = Pin<Box<dyn Future<Output = Result<(), AppendError>> + Send>>;
@@ -57,10 +115,11 @@ pub fn upstream_topic(prefix: &str, topic: &str) -> String {
 }
 
 #[derive(Debug)]
-pub struct Passthrough {
+pub struct Forwarder {
     cfg: UpstreamConfig,
     store: Store,
     stream: StreamId,
+    packer: Box<dyn Packer>,
 }
 
 /// How a session ended.
@@ -69,12 +128,22 @@ enum End {
     Lost(UplinkError),
 }
 
-impl Passthrough {
-    pub fn new(cfg: UpstreamConfig, store: Store, stream: StreamId) -> Self {
-        Self { cfg, store, stream }
+impl Forwarder {
+    pub fn new(
+        cfg: UpstreamConfig,
+        store: Store,
+        stream: StreamId,
+        packer: Box<dyn Packer>,
+    ) -> Self {
+        Self {
+            cfg,
+            store,
+            stream,
+            packer,
+        }
     }
 
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
         let addr = format!("{}:{}", self.cfg.host, self.cfg.port);
         loop {
@@ -112,14 +181,16 @@ impl Passthrough {
     }
 
     async fn serve(
-        &self,
+        &mut self,
         mut s: Session,
         cancel: &CancellationToken,
         productive: &mut bool,
     ) -> End {
         let window = usize::from(self.cfg.inflight.get());
         let keep_alive = self.cfg.keep_alive;
-        let mut inflight: HashMap<u16, u64> = HashMap::with_capacity(window);
+        let mut inflight: HashMap<u16, Vec<u64>> = HashMap::with_capacity(window);
+        let mut linger_deadline: Option<tokio::time::Instant> = None;
+        let mut linger_expired = false;
         let mut queue: VecDeque<StoredRecord> = VecDeque::new();
         let mut cursor: Option<u64> = None;
         let mut caught_up = false;
@@ -136,32 +207,40 @@ impl Passthrough {
         let end = 'session: loop {
             if drain_deadline.is_none() {
                 while inflight.len() < window {
-                    if queue.is_empty() {
-                        if caught_up {
-                            break;
-                        }
+                    if queue.len() < self.packer.wants() && !caught_up {
                         match self
                             .store
                             .read(self.stream, cursor, READ_CHUNK_RECORDS, READ_CHUNK_BYTES)
                             .await
                         {
-                            Ok(chunk) if chunk.is_empty() => {
-                                caught_up = true;
-                                break;
+                            Ok(chunk) if chunk.is_empty() => caught_up = true,
+                            Ok(chunk) => {
+                                cursor = chunk.last().map(|r| r.seq).or(cursor);
+                                queue.extend(chunk);
+                                continue;
                             }
-                            Ok(chunk) => queue.extend(chunk),
                             Err(e) => break 'session End::Lost(e.into()),
                         }
                     }
-                    let Some(r) = queue.pop_front() else { break };
-                    cursor = Some(r.seq);
+                    let flush = caught_up && (linger_expired || self.packer.linger().is_zero());
+                    let unit = match self.packer.pack(&mut queue, flush) {
+                        Ok(Some(unit)) => unit,
+                        Ok(None) => {
+                            if caught_up && !queue.is_empty() && linger_deadline.is_none() {
+                                linger_deadline =
+                                    Some(tokio::time::Instant::now() + self.packer.linger());
+                            }
+                            break;
+                        }
+                        Err(e) => break 'session End::Lost(e),
+                    };
+                    linger_deadline = None;
+                    linger_expired = false;
                     let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
-                    let topic = upstream_topic(&self.cfg.topic_prefix, &r.record.topic);
-                    if let Err(e) = s.queue_publish(topic, r.record.payload, r.record.retain, pkid)
-                    {
+                    if let Err(e) = s.queue_publish(unit.topic, unit.payload, unit.retain, pkid) {
                         break 'session End::Lost(e.into());
                     }
-                    inflight.insert(pkid, r.seq);
+                    inflight.insert(pkid, unit.seqs);
                 }
             } else if inflight.is_empty() && s.out.is_empty() {
                 break 'session End::Shutdown(s);
@@ -176,12 +255,13 @@ impl Passthrough {
                     drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                 }
                 _ = sleep_until_opt(drain_deadline) => break 'session End::Shutdown(s),
+                _ = sleep_until_opt(linger_deadline), if !linger_expired => linger_expired = true,
                 packet = s.reader.next() => {
                     last_rx = Instant::now();
                     match packet {
                         Some(Ok(Packet::PubAck(ack))) => {
-                            if let Some(seq) = inflight.remove(&ack.pkid) {
-                                acked.push(seq);
+                            if let Some(seqs) = inflight.remove(&ack.pkid) {
+                                acked.extend(seqs);
                                 *productive = true;
                             } else {
                                 tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id ignored");
