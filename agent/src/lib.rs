@@ -107,8 +107,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         )?),
     };
     let uplink = tokio::spawn(
-        uplink::Forwarder::new(config.upstream, store.clone(), stream, packer)
-            .run(uplink_cancel.clone()),
+        uplink::Forwarder::new(
+            config.upstream,
+            config.agent.gateway_id.clone(),
+            store.clone(),
+            stream,
+            packer,
+        )
+        .run(uplink_cancel.clone()),
     );
 
     tracing::info!(gateway_id = %config.agent.gateway_id, epoch = store.epoch(), "edgerelay ready");

@@ -189,6 +189,11 @@ pub(crate) enum Request {
     Maintain {
         reply: oneshot::Sender<()>,
     },
+    /// Gaps reported upstream: delete them (or the reported part of one that grew).
+    AckGaps {
+        gaps: Vec<Gap>,
+        reply: oneshot::Sender<Result<(), AppendError>>,
+    },
     Shutdown,
 }
 
@@ -553,6 +558,25 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Gaps were reported upstream: forget them. A gap that grew since it was read keeps
+    /// its unreported part.
+    pub async fn ack_gaps(&self, gaps: Vec<Gap>) -> Result<(), AppendError> {
+        if gaps.is_empty() {
+            return Ok(());
+        }
+        let (req, rx) = call(|reply| Request::AckGaps { gaps, reply });
+        self.tx.send(req).await.map_err(|_| AppendError::Closed)?;
+        rx.await.unwrap_or(Err(AppendError::Closed))
+    }
+
+    /// Recorded gaps, oldest first (async; see [`Store::gaps_blocking`]).
+    pub async fn gaps(&self, limit: usize) -> Result<Vec<Gap>, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.gaps_blocking(limit))
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     /// Recorded gaps (ranges that left the buffer unsent), oldest first.

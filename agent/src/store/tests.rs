@@ -416,3 +416,51 @@ fn file_stays_within_max_size() {
     drop(store);
     thread.close();
 }
+
+/// Reported gaps are forgotten; a gap that grew after it was read keeps its unreported
+/// tail, and later evictions extend that tail rather than the forgotten part.
+#[test]
+fn acknowledged_gaps_are_forgotten_and_growth_is_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(AtomicU64::new(10_000));
+    let opts = options(dir.path(), 1 << 25, WhenFull::DropOldest, clock.clone());
+    let (store, thread) = Store::open(opts).expect("open");
+    let s = store.stream_blocking("a").expect("stream");
+    for i in 0..10 {
+        store
+            .submit_blocking(s, record("t", 10, 10_000 + i * 100, 0))
+            .expect("submit")
+            .blocking_wait()
+            .expect("append");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
+    // Age out seqs 0..=2 (ts < cutoff = now - 1000).
+    clock.store(10_250 + 1_000, Ordering::SeqCst);
+    store.maintain_blocking().expect("maintain");
+    let gaps = store.gaps_blocking(10).expect("gaps");
+    assert_eq!(gaps.len(), 1);
+    assert_eq!((gaps[0].first, gaps[0].last, gaps[0].count), (0, 2, 3));
+    // It grows before it is acknowledged: seqs 3..=4 too.
+    clock.store(10_450 + 1_000, Ordering::SeqCst);
+    store.maintain_blocking().expect("maintain");
+    rt.block_on(store.ack_gaps(gaps)).expect("ack");
+    let left = store.gaps_blocking(10).expect("gaps");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!((left[0].first, left[0].last, left[0].count), (3, 4, 2));
+    // More contiguous evictions extend the remainder.
+    clock.store(10_550 + 1_000, Ordering::SeqCst);
+    store.maintain_blocking().expect("maintain");
+    let left = store.gaps_blocking(10).expect("gaps");
+    assert_eq!((left[0].first, left[0].last, left[0].count), (3, 5, 3));
+    rt.block_on(store.ack_gaps(left)).expect("ack");
+    assert!(store.gaps_blocking(10).expect("gaps").is_empty());
+    // And after everything was reported, a new eviction starts a new gap.
+    clock.store(10_650 + 1_000, Ordering::SeqCst);
+    store.maintain_blocking().expect("maintain");
+    let fresh = store.gaps_blocking(10).expect("gaps");
+    assert_eq!((fresh[0].first, fresh[0].last, fresh[0].count), (6, 6, 1));
+    drop(store);
+    thread.close();
+}

@@ -357,6 +357,12 @@ impl Writer {
                 Reply::Ack(reply)
             }
             Request::Maintain { reply } => Reply::Maintain(reply),
+            Request::AckGaps { gaps, reply } => {
+                for g in gaps {
+                    self.ack_gap(work, t, g, fx)?;
+                }
+                Reply::Ack(Some(reply))
+            }
             // Handled by the loop; never reaches a batch.
             Request::Shutdown => Reply::Ack(None),
         })
@@ -407,6 +413,48 @@ impl Writer {
         fx.appended = true;
         fx.touched.push(stream.0);
         Ok(Ok(seq))
+    }
+
+    /// Forget a reported gap. If eviction extended it after it was read, keep the
+    /// unreported tail as a gap of its own.
+    fn ack_gap(
+        &mut self,
+        work: &mut State,
+        t: &mut Tables<'_>,
+        g: super::Gap,
+        fx: &mut Effects,
+    ) -> Result<(), redb::Error> {
+        let key = (g.stream.0, g.first);
+        let current = t
+            .gaps
+            .get(key)?
+            .and_then(|v| GapValue::decode(v.value()).ok());
+        let Some(current) = current else {
+            return Ok(());
+        };
+        t.gaps.remove(key)?;
+        fx.touched.push(g.stream.0);
+        let rest = (current.last > g.last).then(|| {
+            (
+                g.last + 1,
+                GapValue {
+                    last: current.last,
+                    count: current.count.saturating_sub(g.count),
+                    reason: current.reason,
+                },
+            )
+        });
+        if let Some((first, v)) = rest {
+            t.gaps.insert((g.stream.0, first), v.encode().as_slice())?;
+        }
+        if let Some(s) = work.streams.get_mut(&g.stream.0) {
+            if s.open_gap.is_some_and(|(first, _)| first == g.first) {
+                // Further contiguous evictions extend the unreported remainder, if any,
+                // else start a new gap.
+                s.open_gap = rest;
+            }
+        }
+        Ok(())
     }
 
     /// Evict globally-oldest records until at least `need` bytes are freed.
@@ -471,6 +519,9 @@ impl Writer {
                 self.evict_head(work, t, id, GapReason::MaxAge, fx)?;
                 evicted += 1;
             }
+        }
+        if evicted > 0 {
+            tracing::warn!(evicted, max_age = ?self.opts.max_age, "records older than max_age dropped unsent (recorded as a gap)");
         }
         Ok(false)
     }

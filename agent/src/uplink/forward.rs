@@ -30,7 +30,7 @@ use super::backoff::Backoff;
 use super::session::{Session, SessionError};
 use crate::config::UpstreamConfig;
 use crate::record::StoredRecord;
-use crate::store::{AppendError, Store, StoreError, StreamId};
+use crate::store::{AppendError, Gap, Store, StoreError, StreamId};
 
 /// The store is read ahead in chunks of at most this many records and bytes: one read
 /// transaction (and one blocking-pool hop) serves many publishes, and memory held for
@@ -117,9 +117,27 @@ pub fn upstream_topic(prefix: &str, topic: &str) -> String {
 #[derive(Debug)]
 pub struct Forwarder {
     cfg: UpstreamConfig,
+    gateway: String,
     store: Store,
     stream: StreamId,
     packer: Box<dyn Packer>,
+}
+
+/// Gap notices published at once, at most.
+const GAP_BATCH: usize = 16;
+
+/// The JSON gap notice for `g`, published at `{topic_prefix}/gap`: loss is never silent.
+pub fn gap_notice(gateway: &str, epoch: u64, stream: &str, g: &Gap) -> String {
+    serde_json::json!({
+        "gateway": gateway,
+        "epoch": epoch,
+        "stream": stream,
+        "first": g.first,
+        "last": g.last,
+        "count": g.count,
+        "reason": g.reason.as_str(),
+    })
+    .to_string()
 }
 
 /// How a session ended.
@@ -131,12 +149,14 @@ enum End {
 impl Forwarder {
     pub fn new(
         cfg: UpstreamConfig,
+        gateway: String,
         store: Store,
         stream: StreamId,
         packer: Box<dyn Packer>,
     ) -> Self {
         Self {
             cfg,
+            gateway,
             store,
             stream,
             packer,
@@ -197,6 +217,11 @@ impl Forwarder {
         let mut committed = self.store.committed();
         committed.borrow_and_update();
         let mut acked: Vec<u64> = Vec::new();
+        // Gap notices in flight, and whether to look for new ones (at start, then every
+        // tick: evictions are rare, a read per second is plenty).
+        let mut gaps_inflight: HashMap<u16, Gap> = HashMap::new();
+        let mut acked_gaps: Vec<Gap> = Vec::new();
+        let mut look_for_gaps = true;
         let mut ack_commits: FuturesUnordered<AckFuture> = FuturesUnordered::new();
         let mut last_rx = Instant::now();
         let mut last_tx = Instant::now();
@@ -205,6 +230,39 @@ impl Forwarder {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
 
         let end = 'session: loop {
+            if drain_deadline.is_none() && look_for_gaps && gaps_inflight.is_empty() {
+                look_for_gaps = false;
+                match self.store.gaps(GAP_BATCH).await {
+                    Ok(gaps) => {
+                        let names = self.store.stats();
+                        for g in gaps {
+                            let stream = names
+                                .streams
+                                .iter()
+                                .find(|st| st.id == g.stream)
+                                .map_or("?", |st| st.name.as_str());
+                            let body = gap_notice(&self.gateway, self.store.epoch(), stream, &g);
+                            tracing::warn!(
+                                stream,
+                                first = g.first,
+                                last = g.last,
+                                count = g.count,
+                                reason = g.reason.as_str(),
+                                "reporting records dropped unsent"
+                            );
+                            let pkid = s.alloc_pkid(|id| {
+                                inflight.contains_key(&id) || gaps_inflight.contains_key(&id)
+                            });
+                            let topic = upstream_topic(&self.cfg.topic_prefix, "gap");
+                            if let Err(e) = s.queue_publish(topic, Bytes::from(body), false, pkid) {
+                                break 'session End::Lost(e.into());
+                            }
+                            gaps_inflight.insert(pkid, g);
+                        }
+                    }
+                    Err(e) => break 'session End::Lost(e.into()),
+                }
+            }
             if drain_deadline.is_none() {
                 while inflight.len() < window {
                     if queue.len() < self.packer.wants() && !caught_up {
@@ -236,17 +294,22 @@ impl Forwarder {
                     };
                     linger_deadline = None;
                     linger_expired = false;
-                    let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
+                    let pkid = s.alloc_pkid(|id| {
+                        inflight.contains_key(&id) || gaps_inflight.contains_key(&id)
+                    });
                     if let Err(e) = s.queue_publish(unit.topic, unit.payload, unit.retain, pkid) {
                         break 'session End::Lost(e.into());
                     }
                     inflight.insert(pkid, unit.seqs);
                 }
-            } else if inflight.is_empty() && s.out.is_empty() {
+            } else if inflight.is_empty() && gaps_inflight.is_empty() && s.out.is_empty() {
                 break 'session End::Shutdown(s);
             }
             if !acked.is_empty() && ack_commits.len() < MAX_ACK_COMMITS {
                 ack_commits.push(self.ack_future(std::mem::take(&mut acked)));
+            }
+            if !acked_gaps.is_empty() && ack_commits.len() < MAX_ACK_COMMITS {
+                ack_commits.push(self.ack_gaps_future(std::mem::take(&mut acked_gaps)));
             }
 
             tokio::select! {
@@ -263,6 +326,8 @@ impl Forwarder {
                             if let Some(seqs) = inflight.remove(&ack.pkid) {
                                 acked.extend(seqs);
                                 *productive = true;
+                            } else if let Some(g) = gaps_inflight.remove(&ack.pkid) {
+                                acked_gaps.push(g);
                             } else {
                                 tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id ignored");
                             }
@@ -291,6 +356,7 @@ impl Forwarder {
                     caught_up = false;
                 }
                 _ = tick.tick() => {
+                    look_for_gaps = true;
                     if last_rx.elapsed() > keep_alive + keep_alive / 2 {
                         break 'session End::Lost(SessionError::KeepAliveTimeout(last_rx.elapsed()).into());
                     }
@@ -308,6 +374,9 @@ impl Forwarder {
         if !acked.is_empty() {
             ack_commits.push(self.ack_future(acked));
         }
+        if !acked_gaps.is_empty() {
+            ack_commits.push(self.ack_gaps_future(acked_gaps));
+        }
         while let Some(done) = ack_commits.next().await {
             if let Err(e) = done {
                 tracing::error!(error = %e, "could not delete acknowledged records");
@@ -324,6 +393,11 @@ impl Forwarder {
             return End::Shutdown(session);
         }
         end
+    }
+
+    fn ack_gaps_future(&self, gaps: Vec<Gap>) -> AckFuture {
+        let store = self.store.clone();
+        Box::pin(async move { store.ack_gaps(gaps).await })
     }
 
     fn ack_future(&self, seqs: Vec<u64>) -> AckFuture {
