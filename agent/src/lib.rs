@@ -7,6 +7,7 @@
 //! `run` wires them together and owns shutdown order: stop ingest (so nothing new is
 //! accepted), let the uplink finish what is in flight, then commit and close the store.
 
+pub mod central;
 pub mod config;
 pub mod ingest;
 pub mod record;

@@ -41,6 +41,28 @@ enum Command {
         #[arg(long)]
         dict_dir: Option<PathBuf>,
     },
+    /// Central side: consume gateways' batches from the broker, drop duplicates, print
+    /// each record once as a JSON line.
+    Unpack {
+        /// The central broker, mqtt://host[:port].
+        #[arg(long)]
+        broker: String,
+        /// Output JSON lines on standard output (the default, and for now the only mode).
+        #[arg(long)]
+        jsonl: bool,
+        /// Republish each record under this prefix (not available yet).
+        #[arg(long)]
+        republish_prefix: Option<String>,
+        /// Topic filter of the gateways' topic prefixes.
+        #[arg(long, default_value = "edgerelay/+")]
+        prefix: String,
+        /// The duplicate memory (a small redb file).
+        #[arg(long, default_value = "unpack-state.redb")]
+        state: PathBuf,
+        /// MQTT client id (its session is persistent).
+        #[arg(long, default_value = "edgerelay-unpack")]
+        client_id: String,
+    },
     /// Print a `USER:HASH` line for [local_mqtt] password_file; the password is read
     /// from standard input (first line).
     HashPassword {
@@ -59,6 +81,27 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failure(e),
         },
+        Command::Unpack {
+            broker,
+            jsonl: _,
+            republish_prefix,
+            prefix,
+            state,
+            client_id,
+        } => {
+            if republish_prefix.is_some() {
+                eprintln!("edgerelay unpack: --republish-prefix is not available in this version; use --jsonl");
+                return ExitCode::from(2);
+            }
+            init_tracing();
+            match unpack(broker, prefix, state, client_id) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edgerelay unpack: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Decode { file, dict_dir } => match decode(file, dict_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -104,6 +147,36 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn unpack(broker: String, prefix: String, state: PathBuf, client_id: String) -> anyhow::Result<()> {
+    let (host, port) =
+        edgerelay::config::parse_mqtt_url(&broker).map_err(|e| anyhow::anyhow!("--broker: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        let signals = cancel.clone();
+        tokio::spawn(async move {
+            if wait_for_signal().await.is_ok() {
+                signals.cancel();
+            }
+        });
+        let opts = edgerelay::central::unpack::UnpackOptions {
+            host,
+            port,
+            prefix,
+            state,
+            client_id,
+        };
+        let mut out = std::io::stdout();
+        edgerelay::central::unpack::run(opts, &mut out, cancel)
+            .await
+            .context("unpack failed")
+    })
 }
 
 fn decode(file: Option<PathBuf>, dict_dir: Option<PathBuf>) -> anyhow::Result<()> {

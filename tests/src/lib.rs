@@ -591,3 +591,94 @@ impl Drop for MosquittoSub {
 pub fn local_mqtt_section(port: u16, topics: &str, extra: &str) -> String {
     format!("[local_mqtt]\nlisten = \"127.0.0.1:{port}\"\ntopics = {topics}\n{extra}\n")
 }
+
+/// A running `edgerelay unpack --jsonl`: its JSON lines (stdout) and log (stderr).
+#[allow(missing_debug_implementations)]
+pub struct Unpack {
+    child: Option<Child>,
+    out: Arc<LogBuf>,
+    log: Arc<LogBuf>,
+}
+
+impl Unpack {
+    /// Start and wait until it is subscribed.
+    pub fn start(broker_url: &str, prefix: &str, state: &Path) -> Self {
+        let mut child = Command::new(agent_bin())
+            .args([
+                "unpack",
+                "--jsonl",
+                "--broker",
+                broker_url,
+                "--prefix",
+                prefix,
+                "--client-id",
+                "test-unpack",
+                "--state",
+            ])
+            .arg(state)
+            .env("EDGERELAY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn unpack");
+        let out = Arc::new(LogBuf::default());
+        let log = Arc::new(LogBuf::default());
+        for (pipe, sink) in [
+            (
+                Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+                out.clone(),
+            ),
+            (
+                Box::new(child.stderr.take().expect("stderr")) as Box<dyn std::io::Read + Send>,
+                log.clone(),
+            ),
+        ] {
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    sink.lines.lock().expect("lock").push(line);
+                    sink.changed.notify_all();
+                }
+            });
+        }
+        let u = Self {
+            child: Some(child),
+            out,
+            log,
+        };
+        u.log.wait_for("unpack to subscribe", SOON, |l| {
+            l.iter().any(|x| x.contains("unpack subscribed"))
+        });
+        u
+    }
+
+    /// JSON lines printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.out.lines.lock().expect("lock").clone()
+    }
+
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&[String]) -> bool) {
+        self.out.wait_for(what, timeout, pred);
+    }
+
+    pub fn logs(&self) -> String {
+        self.log.lines.lock().expect("lock").join("\n")
+    }
+
+    /// SIGTERM and wait (its output threads then see EOF).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Unpack {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -170,6 +170,11 @@ pub struct UpstreamConfig {
     pub reconnect_max: Duration,
 }
 
+/// Parse an `mqtt://host[:port]` URL (as in `[upstream] url`) into host and port.
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    validate::parse_url(url)
+}
+
 /// One problem in a config file, located by its key (and line when known).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {

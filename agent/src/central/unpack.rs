@@ -1,0 +1,248 @@
+//! `edgerelay unpack`: consume batches from the central broker and print each record
+//! once, as a JSON line.
+//!
+//! Invariants:
+//! - A batch is acknowledged to the broker (persistent session, manual acks) only after
+//!   its records were written out and the duplicate memory was committed — so a crash
+//!   of unpack re-delivers, never skips (at-least-once); the committed memory then drops
+//!   what was already written, so a restart does not print a record twice.
+//! - Duplicates are identified by (gateway, epoch, stream, seq); the memory is a range
+//!   set per (gateway, epoch, stream) in a small redb file.
+//! - Every message is untrusted: a bad batch or notice is counted and logged, never
+//!   fatal.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+use super::ranges::RangeSet;
+use crate::uplink::backoff::Backoff;
+use crate::wire::{self, Dictionary};
+
+const SEEN: TableDefinition<&str, &[u8]> = TableDefinition::new("seen");
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("cannot open the duplicate memory {path}: {detail}")]
+    State { path: PathBuf, detail: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct UnpackOptions {
+    pub host: String,
+    pub port: u16,
+    /// Topic filter of the gateways' prefixes, e.g. "edgerelay/+".
+    pub prefix: String,
+    pub state: PathBuf,
+    pub client_id: String,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    batches: u64,
+    records: u64,
+    duplicates: u64,
+    bad: u64,
+    gaps: u64,
+}
+
+/// The duplicate memory: a range set per (gateway, epoch, stream), persisted.
+struct Seen {
+    db: Arc<Database>,
+    sets: HashMap<String, RangeSet>,
+}
+
+impl Seen {
+    fn open(path: &PathBuf) -> Result<Self, UnpackError> {
+        let err = |e: &dyn std::fmt::Display| UnpackError::State {
+            path: path.clone(),
+            detail: e.to_string(),
+        };
+        let db = Database::create(path).map_err(|e| err(&e))?;
+        let txn = db.begin_write().map_err(|e| err(&e))?;
+        txn.open_table(SEEN).map_err(|e| err(&e))?;
+        txn.commit().map_err(|e| err(&e))?;
+        let mut sets = HashMap::new();
+        {
+            let read = db.begin_read().map_err(|e| err(&e))?;
+            let table = read.open_table(SEEN).map_err(|e| err(&e))?;
+            for entry in table.iter().map_err(|e| err(&e))? {
+                let (k, v) = entry.map_err(|e| err(&e))?;
+                let set = RangeSet::decode(v.value())
+                    .ok_or_else(|| err(&format!("corrupt entry {}", k.value())))?;
+                sets.insert(k.value().to_owned(), set);
+            }
+        }
+        Ok(Self {
+            db: Arc::new(db),
+            sets,
+        })
+    }
+
+    async fn persist(&self, key: &str) -> Result<(), String> {
+        let Some(set) = self.sets.get(key) else {
+            return Ok(());
+        };
+        let (db, key, bytes) = (self.db.clone(), key.to_owned(), set.encode());
+        tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            txn.open_table(SEEN)?
+                .insert(key.as_str(), bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Run until `cancel`; JSON lines go to `out`.
+pub async fn run(
+    opts: UnpackOptions,
+    out: &mut (dyn Write + Send),
+    cancel: CancellationToken,
+) -> Result<(), UnpackError> {
+    let mut seen = Seen::open(&opts.state)?;
+    let mut dicts: HashMap<u64, Dictionary> = HashMap::new();
+    let mut counts = Counts::default();
+    let mut mqtt = MqttOptions::new(opts.client_id.clone(), opts.host.clone(), opts.port);
+    mqtt.set_clean_session(false);
+    mqtt.set_manual_acks(true);
+    mqtt.set_keep_alive(Duration::from_secs(30));
+    mqtt.set_max_packet_size(wire::MAX_BODY + (1 << 20), 1 << 20);
+    // Room for every acknowledgement the broker's in-flight window can need: queueing
+    // one never waits on the event loop this task itself polls.
+    let (client, mut events) = AsyncClient::new(mqtt, 1024);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let filters = [
+        format!("{}/batch/+", opts.prefix),
+        format!("{}/dict/+", opts.prefix),
+        format!("{}/gap", opts.prefix),
+    ];
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => break,
+            ev = events.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                tracing::info!(broker = %format!("{}:{}", opts.host, opts.port), "unpack connected");
+                let subs = filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(subs) {
+                    tracing::error!(error = %e, "cannot subscribe");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                tracing::info!(filters = ?filters, "unpack subscribed")
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let done = handle(
+                    &p.topic,
+                    &p.payload,
+                    &mut seen,
+                    &mut dicts,
+                    &mut counts,
+                    out,
+                )
+                .await;
+                if done && p.qos != QoS::AtMostOnce {
+                    if let Err(e) = client.try_ack(&p) {
+                        tracing::warn!(error = %e, "cannot queue PUBACK; the broker will redeliver");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "central broker connection error");
+                let delay = backoff.next_delay(rand::random::<f64>());
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+    tracing::info!(
+        batches = counts.batches,
+        records = counts.records,
+        duplicates = counts.duplicates,
+        bad = counts.bad,
+        gaps = counts.gaps,
+        "unpack stopped"
+    );
+    Ok(())
+}
+
+/// Process one message; true when it may be acknowledged (false: a local failure that
+/// a redelivery may cure, e.g. the duplicate memory could not be written).
+async fn handle(
+    topic: &str,
+    payload: &[u8],
+    seen: &mut Seen,
+    dicts: &mut HashMap<u64, Dictionary>,
+    counts: &mut Counts,
+    out: &mut (dyn Write + Send),
+) -> bool {
+    if let Some((_, id)) = topic.rsplit_once("/dict/") {
+        let d = Dictionary::new(payload.to_vec());
+        if u64::from_str_radix(id, 16).ok() == Some(d.id) {
+            tracing::info!(id = %id, bytes = payload.len(), "dictionary received");
+            dicts.insert(d.id, d);
+        } else {
+            counts.bad += 1;
+            tracing::warn!(%topic, "dictionary content does not match its id; ignored");
+        }
+        return true;
+    }
+    if topic.ends_with("/gap") {
+        counts.gaps += 1;
+        tracing::warn!(%topic, notice = %String::from_utf8_lossy(payload), "gateway reports records dropped unsent");
+        return true;
+    }
+    let batch = match wire::decode(payload, &|id| dicts.get(&id).cloned()) {
+        Ok(b) => b,
+        Err(e) => {
+            counts.bad += 1;
+            tracing::warn!(%topic, error = %e, "bad batch skipped");
+            return true;
+        }
+    };
+    counts.batches += 1;
+    let key = format!(
+        "{}/{:016x}/{}",
+        batch.header.gateway, batch.header.epoch, batch.header.stream
+    );
+    let set = seen.sets.entry(key.clone()).or_default();
+    let mut fresh = 0u64;
+    for r in &batch.records {
+        if set.insert(r.seq) {
+            fresh += 1;
+            if writeln!(out, "{}", wire::record_json(&batch.header, r)).is_err() {
+                tracing::error!("cannot write output");
+                return false;
+            }
+        } else {
+            counts.duplicates += 1;
+        }
+    }
+    counts.records += fresh;
+    if out.flush().is_err() {
+        return false;
+    }
+    if let Err(e) = seen.persist(&key).await {
+        tracing::error!(error = %e, "cannot record what was written; the batch will be redelivered");
+        return false;
+    }
+    true
+}
