@@ -18,7 +18,7 @@ if (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
   exit 1
 fi
 cargo build --release -p edgerelay
-echo "watch what arrives upstream: mosquitto_sub -p 1884 -t 'edgerelay/#' -v"
+echo "watch what arrives upstream: ./target/release/edgerelay unpack --broker mqtt://127.0.0.1:1884 --jsonl"
 echo "publish like a device:        mosquitto_pub -p 1883 -q 1 -t sensors/t1 -m 21.5"
 echo "or over a socket:             echo hello > /dev/tcp/127.0.0.1/7001"
 exec ./target/release/edgerelay run --config config/edgerelay.toml

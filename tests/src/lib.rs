@@ -487,6 +487,7 @@ data_dir = "{}"
 [upstream]
 url = "{upstream_url}"
 topic_prefix = "up"
+mode = "passthrough"
 reconnect_min = "50ms"
 reconnect_max = "500ms"
 keep_alive = "5s"

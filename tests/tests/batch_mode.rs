@@ -16,7 +16,7 @@ fn batch_config(data: &std::path::Path, url: &str, port: u16) -> String {
             "[[socket]]\nkind = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"length-prefixed\"\ntopic = \"b\"\nack = true\n"
         ),
     )
-    .replace("[upstream]\n", "[upstream]\nmode = \"batch\"\nbatch_size = 100\nbatch_linger = \"200ms\"\n")
+    .replace("mode = \"passthrough\"\n", "mode = \"batch\"\nbatch_size = 100\nbatch_linger = \"200ms\"\n")
 }
 
 fn send(conn: &mut TcpStream, range: std::ops::Range<u32>) {

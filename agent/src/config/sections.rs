@@ -277,7 +277,7 @@ pub(super) fn validate_upstream(
             ("passthrough", UpstreamMode::Passthrough),
             ("batch", UpstreamMode::Batch),
         ],
-        UpstreamMode::Passthrough,
+        UpstreamMode::Batch,
     );
     let batch_size = ctx.int("upstream.batch_size", &raw.batch_size, 1000, 1, 100_000);
     let batch_linger = ctx.duration(

@@ -47,6 +47,7 @@ fn defaults_fill_in() {
     assert_eq!(c.upstream.port, 1883);
     assert_eq!(c.upstream.client_id, "edgerelay-gw1");
     assert_eq!(c.upstream.keep_alive, Duration::from_secs(30));
+    assert_eq!(c.upstream.mode, UpstreamMode::Batch);
     assert!(c.sockets.is_empty());
 }
 
