@@ -47,10 +47,11 @@ enum Command {
         /// The central broker, mqtt://host[:port].
         #[arg(long)]
         broker: String,
-        /// Output JSON lines on standard output (the default, and for now the only mode).
+        /// Output JSON lines on standard output (the default).
         #[arg(long)]
         jsonl: bool,
-        /// Republish each record under this prefix (not available yet).
+        /// Instead of JSON lines, republish each record at QoS 1 to this prefix + its
+        /// original topic (e.g. "plant/" → "plant/sensors/t1").
         #[arg(long)]
         republish_prefix: Option<String>,
         /// Topic filter of the gateways' topic prefixes.
@@ -89,12 +90,12 @@ fn main() -> ExitCode {
             state,
             client_id,
         } => {
-            if republish_prefix.is_some() {
-                eprintln!("edgerelay unpack: --republish-prefix is not available in this version; use --jsonl");
-                return ExitCode::from(2);
-            }
             init_tracing();
-            match unpack(broker, prefix, state, client_id) {
+            let output = match republish_prefix {
+                Some(p) => edgerelay::central::unpack::Output::Republish(p),
+                None => edgerelay::central::unpack::Output::JsonLines,
+            };
+            match unpack(broker, output, prefix, state, client_id) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("edgerelay unpack: {e:#}");
@@ -149,7 +150,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn unpack(broker: String, prefix: String, state: PathBuf, client_id: String) -> anyhow::Result<()> {
+fn unpack(
+    broker: String,
+    output: edgerelay::central::unpack::Output,
+    prefix: String,
+    state: PathBuf,
+    client_id: String,
+) -> anyhow::Result<()> {
     let (host, port) =
         edgerelay::config::parse_mqtt_url(&broker).map_err(|e| anyhow::anyhow!("--broker: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -168,6 +175,7 @@ fn unpack(broker: String, prefix: String, state: PathBuf, client_id: String) -> 
         let opts = edgerelay::central::unpack::UnpackOptions {
             host,
             port,
+            output,
             prefix,
             state,
             client_id,

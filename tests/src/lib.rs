@@ -604,10 +604,14 @@ pub struct Unpack {
 impl Unpack {
     /// Start and wait until it is subscribed.
     pub fn start(broker_url: &str, prefix: &str, state: &Path) -> Self {
+        Self::start_with(broker_url, prefix, state, &["--jsonl"])
+    }
+
+    /// Start with extra arguments (e.g. `--republish-prefix P`).
+    pub fn start_with(broker_url: &str, prefix: &str, state: &Path, args: &[&str]) -> Self {
         let mut child = Command::new(agent_bin())
             .args([
                 "unpack",
-                "--jsonl",
                 "--broker",
                 broker_url,
                 "--prefix",
@@ -617,6 +621,7 @@ impl Unpack {
                 "--state",
             ])
             .arg(state)
+            .args(args)
             .env("EDGERELAY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -191,3 +191,35 @@ mod serde_json_lite {
         }
     }
 }
+
+/// `unpack --republish-prefix`: every record comes back out under the prefix + its
+/// original topic, unchanged.
+#[test]
+fn unpack_republishes_under_a_prefix() {
+    let broker = Mosquitto::start();
+    let mut out = Subscriber::start(broker.port, "out/#");
+    let state_dir = tempfile::tempdir().expect("tempdir");
+    let _unpack = Unpack::start_with(
+        &broker.url(),
+        "up",
+        &state_dir.path().join("s.redb"),
+        &["--republish-prefix", "out/"],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let _agent = Agent::start(
+        dir.path(),
+        &batch_config(&dir.path().join("data"), &broker.url(), port),
+    );
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    send(&mut conn, 0..250);
+    out.wait_for("250 republished records", SOON, |got| {
+        let have: HashSet<&[u8]> = got.iter().map(|r| r.payload.as_slice()).collect();
+        (0..250).all(|i| have.contains(format!("batched-{i}").as_bytes()))
+    });
+    assert!(
+        out.received.iter().all(|r| r.topic == "out/b"),
+        "original topic under the prefix"
+    );
+    assert_eq!(out.received.len(), 250, "each once");
+}

@@ -33,10 +33,20 @@ pub enum UnpackError {
     State { path: PathBuf, detail: String },
 }
 
+/// Where decoded records go.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// One JSON line per record on the writer `run` is given.
+    JsonLines,
+    /// Each record published at QoS 1 to this prefix + its original topic.
+    Republish(String),
+}
+
 #[derive(Debug, Clone)]
 pub struct UnpackOptions {
     pub host: String,
     pub port: u16,
+    pub output: Output,
     /// Topic filter of the gateways' prefixes, e.g. "edgerelay/+".
     pub prefix: String,
     pub state: PathBuf,
@@ -103,6 +113,91 @@ impl Seen {
     }
 }
 
+/// Publishes records back to the broker under a prefix over its own MQTT session (the
+/// uplink's, with exact packet-id → PUBACK mapping): `publish_all` returns only when the
+/// broker acknowledged every one of them.
+struct Republisher {
+    cfg: crate::config::UpstreamConfig,
+    session: Option<crate::uplink::session::Session>,
+}
+
+impl Republisher {
+    fn new(host: &str, port: u16, client_id: &str) -> Self {
+        Self {
+            cfg: crate::config::UpstreamConfig {
+                host: host.to_owned(),
+                port,
+                url: format!("mqtt://{host}:{port}"),
+                client_id: format!("{client_id}-republish"),
+                topic_prefix: String::new(),
+                mode: crate::config::UpstreamMode::Passthrough,
+                batch_size: std::num::NonZeroUsize::MIN,
+                batch_linger: Duration::ZERO,
+                username: None,
+                password: None,
+                keep_alive: Duration::from_secs(30),
+                inflight: std::num::NonZeroU16::MIN,
+                connect_timeout: Duration::from_secs(10),
+                reconnect_min: Duration::from_millis(200),
+                reconnect_max: Duration::from_secs(10),
+            },
+            session: None,
+        }
+    }
+
+    async fn publish_all(
+        &mut self,
+        items: Vec<(String, bytes::Bytes, bool)>,
+    ) -> Result<(), String> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        const WINDOW: usize = 256;
+        if self.session.is_none() {
+            self.session = Some(
+                crate::uplink::session::Session::connect(&self.cfg)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let result = async {
+            let s = self.session.as_mut().ok_or("no session")?;
+            let mut items = items.into_iter().peekable();
+            while items.peek().is_some() {
+                let mut waiting = std::collections::HashSet::new();
+                for (topic, payload, retain) in items.by_ref().take(WINDOW) {
+                    let pkid = s.alloc_pkid(|id| waiting.contains(&id));
+                    s.queue_publish(topic, payload, retain, pkid)
+                        .map_err(|e| e.to_string())?;
+                    waiting.insert(pkid);
+                }
+                s.writer
+                    .write_all_buf(&mut s.out)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                while !waiting.is_empty() {
+                    match tokio::time::timeout(Duration::from_secs(30), s.reader.next()).await {
+                        Ok(Some(Ok(rumqttc::mqttbytes::v4::Packet::PubAck(a)))) => {
+                            waiting.remove(&a.pkid);
+                        }
+                        Ok(Some(Ok(_))) => {}
+                        Ok(Some(Err(e))) => return Err(e.to_string()),
+                        Ok(None) => return Err("broker closed the republish connection".to_owned()),
+                        Err(_) => {
+                            return Err("no PUBACK for republished records within 30 s".to_owned())
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            self.session = None;
+        }
+        result
+    }
+}
+
 /// Run until `cancel`; JSON lines go to `out`.
 pub async fn run(
     opts: UnpackOptions,
@@ -110,6 +205,13 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), UnpackError> {
     let mut seen = Seen::open(&opts.state)?;
+    let mut republisher = match &opts.output {
+        Output::Republish(prefix) => Some((
+            prefix.clone(),
+            Republisher::new(&opts.host, opts.port, &opts.client_id),
+        )),
+        Output::JsonLines => None,
+    };
     let mut dicts: HashMap<u64, Dictionary> = HashMap::new();
     let mut counts = Counts::default();
     let mut mqtt = MqttOptions::new(opts.client_id.clone(), opts.host.clone(), opts.port);
@@ -153,6 +255,7 @@ pub async fn run(
                     &mut dicts,
                     &mut counts,
                     out,
+                    republisher.as_mut(),
                 )
                 .await;
                 if done && p.qos != QoS::AtMostOnce {
@@ -193,6 +296,7 @@ async fn handle(
     dicts: &mut HashMap<u64, Dictionary>,
     counts: &mut Counts,
     out: &mut (dyn Write + Send),
+    republisher: Option<&mut (String, Republisher)>,
 ) -> bool {
     if let Some((_, id)) = topic.rsplit_once("/dict/") {
         let d = Dictionary::new(payload.to_vec());
@@ -224,22 +328,42 @@ async fn handle(
         batch.header.gateway, batch.header.epoch, batch.header.stream
     );
     let set = seen.sets.entry(key.clone()).or_default();
-    let mut fresh = 0u64;
-    for r in &batch.records {
-        if set.insert(r.seq) {
-            fresh += 1;
-            if writeln!(out, "{}", wire::record_json(&batch.header, r)).is_err() {
-                tracing::error!("cannot write output");
+    let fresh: Vec<&wire::WireRecord> = batch
+        .records
+        .iter()
+        .filter(|r| !set.contains(r.seq))
+        .collect();
+    counts.duplicates += (batch.records.len() - fresh.len()) as u64;
+    match republisher {
+        // Marked seen only once the broker acknowledged every republished record: a
+        // failure leaves the batch unacknowledged, so it comes again.
+        Some((prefix, publisher)) => {
+            let items = fresh
+                .iter()
+                .map(|r| (format!("{prefix}{}", r.topic), r.payload.clone(), r.retain))
+                .collect();
+            if let Err(e) = publisher.publish_all(items).await {
+                tracing::warn!(error = %e, "republishing failed; the batch will be redelivered");
                 return false;
             }
-        } else {
-            counts.duplicates += 1;
+        }
+        None => {
+            for r in &fresh {
+                if writeln!(out, "{}", wire::record_json(&batch.header, r)).is_err() {
+                    tracing::error!("cannot write output");
+                    return false;
+                }
+            }
+            if out.flush().is_err() {
+                return false;
+            }
         }
     }
-    counts.records += fresh;
-    if out.flush().is_err() {
-        return false;
+    let fresh = fresh.len() as u64;
+    for r in &batch.records {
+        set.insert(r.seq);
     }
+    counts.records += fresh;
     if let Err(e) = seen.persist(&key).await {
         tracing::error!(error = %e, "cannot record what was written; the batch will be redelivered");
         return false;
