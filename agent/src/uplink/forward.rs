@@ -220,7 +220,6 @@ impl Forwarder {
         // Gap notices in flight, and whether to look for new ones (at start, then every
         // tick: evictions are rare, a read per second is plenty).
         let mut gaps_inflight: HashMap<u16, Gap> = HashMap::new();
-        let mut acked_gaps: Vec<Gap> = Vec::new();
         let mut look_for_gaps = true;
         let mut ack_commits: FuturesUnordered<AckFuture> = FuturesUnordered::new();
         let mut last_rx = Instant::now();
@@ -308,9 +307,6 @@ impl Forwarder {
             if !acked.is_empty() && ack_commits.len() < MAX_ACK_COMMITS {
                 ack_commits.push(self.ack_future(std::mem::take(&mut acked)));
             }
-            if !acked_gaps.is_empty() && ack_commits.len() < MAX_ACK_COMMITS {
-                ack_commits.push(self.ack_gaps_future(std::mem::take(&mut acked_gaps)));
-            }
 
             tokio::select! {
                 biased;
@@ -327,7 +323,12 @@ impl Forwarder {
                                 acked.extend(seqs);
                                 *productive = true;
                             } else if let Some(g) = gaps_inflight.remove(&ack.pkid) {
-                                acked_gaps.push(g);
+                                // Forgotten before anything else happens, so the next
+                                // look for gaps cannot report it twice. Gaps are rare:
+                                // waiting for this one commit here costs nothing.
+                                if let Err(e) = self.store.ack_gaps(vec![g]).await {
+                                    tracing::error!(error = %e, "could not forget a reported gap; it will be reported again");
+                                }
                             } else {
                                 tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id ignored");
                             }
@@ -374,9 +375,6 @@ impl Forwarder {
         if !acked.is_empty() {
             ack_commits.push(self.ack_future(acked));
         }
-        if !acked_gaps.is_empty() {
-            ack_commits.push(self.ack_gaps_future(acked_gaps));
-        }
         while let Some(done) = ack_commits.next().await {
             if let Err(e) = done {
                 tracing::error!(error = %e, "could not delete acknowledged records");
@@ -393,11 +391,6 @@ impl Forwarder {
             return End::Shutdown(session);
         }
         end
-    }
-
-    fn ack_gaps_future(&self, gaps: Vec<Gap>) -> AckFuture {
-        let store = self.store.clone();
-        Box::pin(async move { store.ack_gaps(gaps).await })
     }
 
     fn ack_future(&self, seqs: Vec<u64>) -> AckFuture {
