@@ -28,6 +28,15 @@ fn send(conn: &mut TcpStream, range: std::ops::Range<u32>) {
     conn.read_exact(&mut acks).expect("acks");
 }
 
+/// Payloads of every record in the batches received so far (undecodable ones skipped:
+/// `decoded` asserts on those).
+fn payloads(got: &[Received]) -> HashSet<Vec<u8>> {
+    got.iter()
+        .filter_map(|r| edgerelay::wire::decode(&r.payload, &|_| None).ok())
+        .flat_map(|b| b.records.into_iter().map(|r| r.payload.to_vec()))
+        .collect()
+}
+
 /// Decode every batch received so far: payload → times seen, and the batch count.
 fn decoded(sub: &Subscriber) -> (HashMap<Vec<u8>, usize>, usize) {
     let mut seen = HashMap::new();
@@ -62,12 +71,7 @@ fn batches_arrive_and_decode() {
         .map(|i| format!("batched-{i}").into_bytes())
         .collect();
     sub.wait_for("all 1050 records in batches", SOON, |got| {
-        let mut have = HashSet::new();
-        for r in got {
-            if let Ok(b) = edgerelay::wire::decode(&r.payload, &|_| None) {
-                have.extend(b.records.into_iter().map(|r| r.payload.to_vec()));
-            }
-        }
+        let have = payloads(got);
         want.is_subset(&have)
     });
     let (seen, batches) = decoded(&sub);
@@ -97,12 +101,7 @@ fn sigkill_in_batch_mode_loses_nothing_acknowledged() {
         "all 3000 acknowledged records after the restart",
         Duration::from_secs(60),
         |got| {
-            let mut have = HashSet::new();
-            for r in got {
-                if let Ok(b) = edgerelay::wire::decode(&r.payload, &|_| None) {
-                    have.extend(b.records.into_iter().map(|r| r.payload.to_vec()));
-                }
-            }
+            let have = payloads(got);
             (0..3000).all(|i| have.contains(format!("batched-{i}").as_bytes()))
         },
     );
