@@ -316,6 +316,12 @@ async fn handle(
     }
     let batch = match wire::decode(payload, &|id| dicts.get(&id).cloned()) {
         Ok(b) => b,
+        // Not the batch's fault: its dictionary (published retained before the gateway
+        // used it) has not reached us yet. Never acknowledge what was not written out.
+        Err(e @ wire::WireError::UnknownDictionary(_)) => {
+            tracing::warn!(%topic, error = %e, "batch not acknowledged: the broker will deliver it again");
+            return false;
+        }
         Err(e) => {
             counts.bad += 1;
             tracing::warn!(%topic, error = %e, "bad batch skipped");
