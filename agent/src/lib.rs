@@ -23,6 +23,15 @@ use crate::config::{Config, UpstreamMode};
 use crate::ingest::socket::SocketIngest;
 use crate::store::{Budget, Store, StoreOptions};
 
+/// Sleep until `deadline`, or forever when there is none: a `select!` branch that is
+/// armed only while a deadline is set.
+pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Name of the stream every record goes to until policies assign streams.
 pub const DEFAULT_STREAM: &str = "default";
 /// File name of the buffer inside `data_dir`.

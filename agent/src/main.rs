@@ -189,19 +189,24 @@ fn unpack(
 
 fn decode(file: Option<PathBuf>, dict_dir: Option<PathBuf>) -> anyhow::Result<()> {
     use std::io::{Read, Write};
-    let mut bytes = Vec::new();
-    match file.as_deref() {
-        None => std::io::stdin()
-            .read_to_end(&mut bytes)
-            .context("reading standard input")?,
-        Some(p) if p.as_os_str() == "-" => std::io::stdin()
-            .read_to_end(&mut bytes)
-            .context("reading standard input")?,
+    // No valid batch is larger than its body limit plus header and zstd framing.
+    let limit = (edgerelay::wire::MAX_BODY + (1 << 20)) as u64;
+    let input: Box<dyn Read> = match file.as_deref() {
+        None => Box::new(std::io::stdin()),
+        Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdin()),
         Some(p) => {
-            bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-            bytes.len()
+            Box::new(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?)
         }
     };
+    let mut bytes = Vec::new();
+    input
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .context("reading the batch")?;
+    anyhow::ensure!(
+        bytes.len() as u64 <= limit,
+        "input is larger than any valid batch ({limit} bytes)"
+    );
     let lookup = |id: u64| {
         let dir = dict_dir.as_ref()?;
         [format!("{id:016x}"), format!("dict-{id:016x}")]

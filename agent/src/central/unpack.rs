@@ -26,6 +26,36 @@ use crate::uplink::backoff::Backoff;
 use crate::wire::{self, Dictionary};
 
 const SEEN: TableDefinition<&str, &[u8]> = TableDefinition::new("seen");
+/// Dictionaries come from the broker (untrusted): each is bounded in size (zstd's own
+/// are ~100 KiB at most; ours 32 KiB) and at most this many are kept, oldest dropped.
+const MAX_DICTIONARY: usize = 1 << 20;
+const MAX_DICTIONARIES: usize = 64;
+
+/// Known dictionaries by id, bounded (see `MAX_DICTIONARIES`).
+#[derive(Default)]
+struct Dictionaries {
+    by_id: HashMap<u64, Dictionary>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl Dictionaries {
+    fn get(&self, id: u64) -> Option<Dictionary> {
+        self.by_id.get(&id).cloned()
+    }
+
+    fn insert(&mut self, d: Dictionary) {
+        if self.by_id.contains_key(&d.id) {
+            return;
+        }
+        if self.order.len() == MAX_DICTIONARIES {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+        self.order.push_back(d.id);
+        self.by_id.insert(d.id, d);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -212,7 +242,7 @@ pub async fn run(
         )),
         Output::JsonLines => None,
     };
-    let mut dicts: HashMap<u64, Dictionary> = HashMap::new();
+    let mut dicts = Dictionaries::default();
     let mut counts = Counts::default();
     let mut mqtt = MqttOptions::new(opts.client_id.clone(), opts.host.clone(), opts.port);
     mqtt.set_clean_session(false);
@@ -293,16 +323,21 @@ async fn handle(
     topic: &str,
     payload: &[u8],
     seen: &mut Seen,
-    dicts: &mut HashMap<u64, Dictionary>,
+    dicts: &mut Dictionaries,
     counts: &mut Counts,
     out: &mut (dyn Write + Send),
     republisher: Option<&mut (String, Republisher)>,
 ) -> bool {
     if let Some((_, id)) = topic.rsplit_once("/dict/") {
+        if payload.len() > MAX_DICTIONARY {
+            counts.bad += 1;
+            tracing::warn!(%topic, bytes = payload.len(), "dictionary larger than {MAX_DICTIONARY} bytes; ignored");
+            return true;
+        }
         let d = Dictionary::new(payload.to_vec());
         if u64::from_str_radix(id, 16).ok() == Some(d.id) {
             tracing::info!(id = %id, bytes = payload.len(), "dictionary received");
-            dicts.insert(d.id, d);
+            dicts.insert(d);
         } else {
             counts.bad += 1;
             tracing::warn!(%topic, "dictionary content does not match its id; ignored");
@@ -314,7 +349,7 @@ async fn handle(
         tracing::warn!(%topic, notice = %String::from_utf8_lossy(payload), "gateway reports records dropped unsent");
         return true;
     }
-    let batch = match wire::decode(payload, &|id| dicts.get(&id).cloned()) {
+    let batch = match wire::decode(payload, &|id| dicts.get(id)) {
         Ok(b) => b,
         // Not the batch's fault: its dictionary (published retained before the gateway
         // used it) has not reached us yet. Never acknowledge what was not written out.
@@ -375,4 +410,23 @@ async fn handle(
         return false;
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dictionaries_are_bounded_oldest_first() {
+        let mut d = Dictionaries::default();
+        let all: Vec<Dictionary> = (0..=MAX_DICTIONARIES)
+            .map(|i| Dictionary::new(vec![i as u8; 16]))
+            .collect();
+        for x in &all {
+            d.insert(x.clone());
+        }
+        assert_eq!(d.by_id.len(), MAX_DICTIONARIES);
+        assert!(d.get(all[0].id).is_none(), "the oldest went");
+        assert!(d.get(all[MAX_DICTIONARIES].id).is_some());
+    }
 }

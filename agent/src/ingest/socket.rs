@@ -45,9 +45,7 @@ struct Ctx {
 
 impl Ctx {
     fn record(&self, payload: Bytes) -> Record {
-        let mut r = Record::new(self.cfg.topic.clone(), payload, self.origin.clone());
-        r.qos = 1;
-        r
+        Record::new(self.cfg.topic.clone(), payload, self.origin.clone())
     }
 }
 
@@ -102,19 +100,6 @@ impl SocketIngest {
                 stats: Arc::new(IngestStats::default()),
             }),
         })
-    }
-
-    pub fn stats(&self) -> Arc<IngestStats> {
-        self.ctx.stats.clone()
-    }
-
-    /// The bound address (useful when listening on port 0).
-    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        match &self.bound {
-            Bound::Tcp(l) => l.local_addr().ok(),
-            Bound::Udp(s) => s.local_addr().ok(),
-            Bound::Unix(..) => None,
-        }
     }
 
     /// Serve until cancelled; connection tasks are tracked by `tracker`.

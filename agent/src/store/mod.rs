@@ -361,10 +361,6 @@ impl Store {
         self.epoch
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The id of stream `name`, created (durably) on first use.
     pub async fn stream(&self, name: &str) -> Result<StreamId, StoreError> {
         if let Some(id) = self.lookup_stream(name) {
@@ -491,12 +487,6 @@ impl Store {
     }
 
     /// Run retention by age now (it also runs every `maintenance_interval`).
-    pub async fn maintain(&self) -> Result<(), StoreError> {
-        let (req, rx) = call(|reply| Request::Maintain { reply });
-        self.tx.send(req).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)
-    }
-
     pub fn maintain_blocking(&self) -> Result<(), StoreError> {
         let (req, rx) = call(|reply| Request::Maintain { reply });
         self.tx.blocking_send(req).map_err(|_| StoreError::Closed)?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::forward::{upstream_topic, Packer, Unit, UplinkError};
+use super::forward::{upstream_topic, Packer, Seqs, Unit, UplinkError};
 use crate::record::StoredRecord;
 use crate::wire::{Compression, Encoder, Source};
 
@@ -93,7 +93,7 @@ impl Packer for BatchPacker {
             topic: self.topic.clone(),
             payload: Bytes::from(payload),
             retain: false,
-            seqs: records.iter().map(|r| r.seq).collect(),
+            seqs: Seqs::Many(records.iter().map(|r| r.seq).collect()),
         }))
     }
 }
@@ -139,7 +139,7 @@ mod tests {
         let mut q = queue(6);
         let unit = p.pack(&mut q, false).expect("pack").expect("a full batch");
         assert_eq!(unit.topic, "up/batch/default");
-        assert_eq!(unit.seqs, vec![0, 1, 2, 3]);
+        assert_eq!(unit.seqs, Seqs::Many(vec![0, 1, 2, 3]));
         let batch = crate::wire::decode(&unit.payload, &|_| None).expect("decodes");
         assert_eq!(batch.records.len(), 4);
         assert_eq!(batch.header.epoch, 9);
@@ -148,7 +148,7 @@ mod tests {
             "2 left: waits"
         );
         let unit = p.pack(&mut q, true).expect("pack").expect("flushed");
-        assert_eq!(unit.seqs, vec![4, 5]);
+        assert_eq!(unit.seqs, Seqs::Many(vec![4, 5]));
         assert!(
             p.pack(&mut q, true).expect("pack").is_none(),
             "nothing left"

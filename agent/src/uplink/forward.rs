@@ -30,6 +30,7 @@ use super::backoff::Backoff;
 use super::session::{Session, SessionError};
 use crate::config::UpstreamConfig;
 use crate::record::StoredRecord;
+use crate::sleep_until_opt;
 use crate::store::{AppendError, Gap, Store, StoreError, StreamId};
 
 /// The store is read ahead in chunks of at most this many records and bytes: one read
@@ -52,13 +53,21 @@ pub enum UplinkError {
     Encode(#[from] crate::wire::WireError),
 }
 
+/// The stored records one publish carries. Passthrough sends one record per publish,
+/// so it carries its seq inline: no allocation per message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seqs {
+    One(u64),
+    Many(Vec<u64>),
+}
+
 /// One upstream publish and the stored records it carries.
 #[derive(Debug)]
 pub struct Unit {
     pub topic: String,
     pub payload: Bytes,
     pub retain: bool,
-    pub seqs: Vec<u64>,
+    pub seqs: Seqs,
 }
 
 /// Turns queued records into publishes.
@@ -98,7 +107,7 @@ impl Packer for PassthroughPacker {
             topic: upstream_topic(&self.prefix, &r.record.topic),
             payload: r.record.payload,
             retain: r.record.retain,
-            seqs: vec![r.seq],
+            seqs: Seqs::One(r.seq),
         }))
     }
 }
@@ -208,7 +217,7 @@ impl Forwarder {
     ) -> End {
         let window = usize::from(self.cfg.inflight.get());
         let keep_alive = self.cfg.keep_alive;
-        let mut inflight: HashMap<u16, Vec<u64>> = HashMap::with_capacity(window);
+        let mut inflight: HashMap<u16, Seqs> = HashMap::with_capacity(window);
         let mut linger_deadline: Option<tokio::time::Instant> = None;
         let mut linger_expired = false;
         let mut queue: VecDeque<StoredRecord> = VecDeque::new();
@@ -320,7 +329,10 @@ impl Forwarder {
                     match packet {
                         Some(Ok(Packet::PubAck(ack))) => {
                             if let Some(seqs) = inflight.remove(&ack.pkid) {
-                                acked.extend(seqs);
+                                match seqs {
+                                    Seqs::One(seq) => acked.push(seq),
+                                    Seqs::Many(seqs) => acked.extend(seqs),
+                                }
                                 *productive = true;
                             } else if let Some(g) = gaps_inflight.remove(&ack.pkid) {
                                 // Forgotten before anything else happens, so the next
@@ -397,13 +409,6 @@ impl Forwarder {
         let store = self.store.clone();
         let stream = self.stream;
         Box::pin(async move { store.ack(stream, seqs).await })
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

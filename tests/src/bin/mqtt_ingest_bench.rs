@@ -7,6 +7,11 @@
 //! Load: CLIENTS concurrent rumqttc clients, each publishing ~200-byte JSON telemetry at
 //! QoS 1 with up to 64 publishes in flight. Figures: msgs/s, PUBACK latency p50/p99,
 //! server CPU-seconds per 100k messages (utime+stime from /proc), peak RSS (VmHWM).
+//!
+//! Knobs used for the measurements in docs/benchmarks.md: `--offline` (the agent's
+//! upstream is unreachable), BENCH_AGENT_CONFIG (TOML prepended to the agent's config,
+//! `\n` for newlines, e.g. `[buffer]\ncache_size = "4MiB"`), BENCH_AGENT_ENV (one
+//! `NAME=value` for the agent, e.g. `MALLOC_ARENA_MAX=1`).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -132,14 +132,6 @@ impl LocalMqtt {
         })
     }
 
-    pub fn shared(&self) -> Arc<Shared> {
-        self.shared.clone()
-    }
-
-    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        self.listener.local_addr().ok()
-    }
-
     pub async fn run(self, tracker: TaskTracker, cancel: CancellationToken) {
         let shared = self.shared;
         let limit = Arc::new(Semaphore::new(shared.cfg.max_connections.get()));

@@ -116,6 +116,8 @@ pub enum DisconnectReason {
     TopicAliasInvalid,
     TopicNameInvalid,
     ShuttingDown,
+    /// The message could not be stored (e.g. a failed commit); MQTT 5 reason 0x80.
+    StoreFailed,
 }
 
 /// What the server sends.

@@ -33,6 +33,7 @@ use super::proto::{
 use super::{Shared, Stat};
 use crate::ingest::append_waiting_for_space;
 use crate::record::{Origin, OriginKind, Record};
+use crate::sleep_until_opt;
 use crate::store::AppendError;
 use crate::topic;
 
@@ -170,7 +171,10 @@ pub async fn serve(
             ) {
                 tracing::debug!(client_id = %client_id, %peer, reason = %why, "closing client connection");
             } else {
-                shared.count(Stat::ProtocolErrors);
+                // A store failure was counted where it happened; the rest is the client's.
+                if *reason != DisconnectReason::StoreFailed {
+                    shared.count(Stat::ProtocolErrors);
+                }
                 tracing::warn!(client_id = %client_id, %peer, reason = %why, "closing client connection");
             }
             let _ = proto::encode(&Out::Disconnect(*reason), version, &mut conn.out);
@@ -529,7 +533,7 @@ impl Conn {
             Err(e) => {
                 self.shared.count(Stat::RejectedFull);
                 Err(End::Close(
-                    DisconnectReason::ShuttingDown,
+                    DisconnectReason::StoreFailed,
                     format!("cannot store the message: {e}"),
                 ))
             }
@@ -591,11 +595,4 @@ fn protocol_end(e: ProtoError) -> End {
         _ => DisconnectReason::MalformedPacket,
     };
     End::Close(reason, e.to_string())
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }

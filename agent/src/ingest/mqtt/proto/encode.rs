@@ -217,5 +217,6 @@ fn v5_reason(reason: DisconnectReason) -> v5::DisconnectReasonCode {
         DisconnectReason::TopicAliasInvalid => C::TopicAliasInvalid,
         DisconnectReason::TopicNameInvalid => C::TopicNameInvalid,
         DisconnectReason::ShuttingDown => C::ServerShuttingDown,
+        DisconnectReason::StoreFailed => C::UnspecifiedError,
     }
 }
