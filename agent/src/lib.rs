@@ -19,9 +19,10 @@ pub mod wire;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, UpstreamMode};
+use crate::config::{Config, DictionarySetting, UpstreamMode};
 use crate::ingest::socket::SocketIngest;
 use crate::store::{Budget, Store, StoreOptions};
+use crate::uplink::dictionary::{DictMode, DictPolicy, Persisted};
 
 /// Sleep until `deadline`, or forever when there is none: a `select!` branch that is
 /// armed only while a deadline is set.
@@ -45,6 +46,11 @@ pub enum RunError {
     Ingest(#[from] ingest::IngestError),
     #[error(transparent)]
     Uplink(#[from] uplink::forward::UplinkError),
+    #[error("compression dictionary {path}: {detail}")]
+    Dictionary {
+        path: std::path::PathBuf,
+        detail: String,
+    },
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -65,8 +71,38 @@ pub fn store_options(config: &Config) -> StoreOptions {
     o
 }
 
+/// The fixed dictionary `[compression] dictionary = PATH` names, checked.
+pub fn load_dictionary(path: &std::path::Path) -> Result<wire::Dictionary, RunError> {
+    let err = |detail: String| RunError::Dictionary {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if meta.len() > wire::MAX_DICTIONARY as u64 {
+        return Err(err(format!(
+            "{} bytes; the limit is {} (the central side refuses bigger ones)",
+            meta.len(),
+            wire::MAX_DICTIONARY
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    if bytes.is_empty() {
+        return Err(err("is empty".into()));
+    }
+    // Any bytes make a raw-content dictionary, but a file with zstd's dictionary magic
+    // and a broken body would fail only later, at the first batch: check it loads now.
+    zstd::bulk::Compressor::with_dictionary(3, &bytes)
+        .map_err(|e| err(format!("not a usable zstd dictionary: {e}")))?;
+    Ok(wire::Dictionary::new(bytes))
+}
+
 /// Run the agent until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let dict_mode = match &config.compression.dictionary {
+        DictionarySetting::Off => DictMode::Off,
+        DictionarySetting::Auto => DictMode::Auto,
+        DictionarySetting::File(path) => DictMode::Fixed(load_dictionary(path)?),
+    };
     let opts = store_options(&config);
     // Opening may repair the file after a crash: blocking work, off the executor.
     let (store, store_thread) = tokio::task::spawn_blocking(move || Store::open(opts))
@@ -113,6 +149,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 batch_size: config.upstream.batch_size.get(),
                 linger: config.upstream.batch_linger,
                 level: config.compression.level,
+                dictionary: dict_mode,
+                dict_policy: DictPolicy::default(),
+                persisted: match store.meta_blocking(Persisted::KEY) {
+                    Ok(v) => v.as_deref().and_then(Persisted::decode),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the dictionary kept with the buffer; training afresh");
+                        None
+                    }
+                },
             },
         )?),
     };

@@ -26,9 +26,11 @@ use crate::uplink::backoff::Backoff;
 use crate::wire::{self, Dictionary};
 
 const SEEN: TableDefinition<&str, &[u8]> = TableDefinition::new("seen");
-/// Dictionaries come from the broker (untrusted): each is bounded in size (zstd's own
-/// are ~100 KiB at most; ours 32 KiB) and at most this many are kept, oldest dropped.
-const MAX_DICTIONARY: usize = 1 << 20;
+/// Dictionaries received, so a restarted unpack decodes batches still queued for it
+/// even after the gateway cleared their retained dictionary.
+const DICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("dictionaries");
+/// Dictionaries come from the broker (untrusted): each is bounded in size
+/// (`wire::MAX_DICTIONARY`) and at most this many are kept, oldest dropped.
 const MAX_DICTIONARIES: usize = 64;
 
 /// Known dictionaries by id, bounded (see `MAX_DICTIONARIES`).
@@ -43,17 +45,20 @@ impl Dictionaries {
         self.by_id.get(&id).cloned()
     }
 
-    fn insert(&mut self, d: Dictionary) {
+    /// Keep `d`; false when it was known. `evicted` gets the id dropped to make room.
+    fn insert(&mut self, d: Dictionary, evicted: &mut Option<u64>) -> bool {
         if self.by_id.contains_key(&d.id) {
-            return;
+            return false;
         }
         if self.order.len() == MAX_DICTIONARIES {
             if let Some(old) = self.order.pop_front() {
                 self.by_id.remove(&old);
+                *evicted = Some(old);
             }
         }
         self.order.push_back(d.id);
         self.by_id.insert(d.id, d);
+        true
     }
 }
 
@@ -92,10 +97,12 @@ struct Counts {
     gaps: u64,
 }
 
-/// The duplicate memory: a range set per (gateway, epoch, stream), persisted.
+/// The duplicate memory: a range set per (gateway, epoch, stream), persisted, and the
+/// dictionaries received.
 struct Seen {
     db: Arc<Database>,
     sets: HashMap<String, RangeSet>,
+    dicts: Dictionaries,
 }
 
 impl Seen {
@@ -107,8 +114,10 @@ impl Seen {
         let db = Database::create(path).map_err(|e| err(&e))?;
         let txn = db.begin_write().map_err(|e| err(&e))?;
         txn.open_table(SEEN).map_err(|e| err(&e))?;
+        txn.open_table(DICTS).map_err(|e| err(&e))?;
         txn.commit().map_err(|e| err(&e))?;
         let mut sets = HashMap::new();
+        let mut dicts = Dictionaries::default();
         {
             let read = db.begin_read().map_err(|e| err(&e))?;
             let table = read.open_table(SEEN).map_err(|e| err(&e))?;
@@ -118,11 +127,42 @@ impl Seen {
                     .ok_or_else(|| err(&format!("corrupt entry {}", k.value())))?;
                 sets.insert(k.value().to_owned(), set);
             }
+            let table = read.open_table(DICTS).map_err(|e| err(&e))?;
+            for entry in table.iter().map_err(|e| err(&e))? {
+                let (_, v) = entry.map_err(|e| err(&e))?;
+                dicts.insert(Dictionary::new(v.value().to_vec()), &mut None);
+            }
         }
         Ok(Self {
             db: Arc::new(db),
             sets,
+            dicts,
         })
+    }
+
+    /// Keep a received dictionary (memory and file); false if it was known.
+    async fn learn(&mut self, d: Dictionary) -> Result<bool, String> {
+        let mut evicted = None;
+        if !self.dicts.insert(d.clone(), &mut evicted) {
+            return Ok(false);
+        }
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            {
+                let mut t = txn.open_table(DICTS)?;
+                t.insert(d.id, d.bytes.as_slice())?;
+                if let Some(old) = evicted {
+                    t.remove(old)?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok(true)
     }
 
     async fn persist(&self, key: &str) -> Result<(), String> {
@@ -242,7 +282,6 @@ pub async fn run(
         )),
         Output::JsonLines => None,
     };
-    let mut dicts = Dictionaries::default();
     let mut counts = Counts::default();
     let mut mqtt = MqttOptions::new(opts.client_id.clone(), opts.host.clone(), opts.port);
     mqtt.set_clean_session(false);
@@ -282,7 +321,6 @@ pub async fn run(
                     &p.topic,
                     &p.payload,
                     &mut seen,
-                    &mut dicts,
                     &mut counts,
                     out,
                     republisher.as_mut(),
@@ -323,21 +361,31 @@ async fn handle(
     topic: &str,
     payload: &[u8],
     seen: &mut Seen,
-    dicts: &mut Dictionaries,
     counts: &mut Counts,
     out: &mut (dyn Write + Send),
     republisher: Option<&mut (String, Republisher)>,
 ) -> bool {
     if let Some((_, id)) = topic.rsplit_once("/dict/") {
-        if payload.len() > MAX_DICTIONARY {
+        if payload.is_empty() {
+            // The gateway cleared a dictionary it no longer uses.
+            tracing::debug!(%topic, "dictionary cleared");
+            return true;
+        }
+        if payload.len() > wire::MAX_DICTIONARY {
             counts.bad += 1;
-            tracing::warn!(%topic, bytes = payload.len(), "dictionary larger than {MAX_DICTIONARY} bytes; ignored");
+            tracing::warn!(%topic, bytes = payload.len(), "dictionary larger than {} bytes; ignored", wire::MAX_DICTIONARY);
             return true;
         }
         let d = Dictionary::new(payload.to_vec());
         if u64::from_str_radix(id, 16).ok() == Some(d.id) {
-            tracing::info!(id = %id, bytes = payload.len(), "dictionary received");
-            dicts.insert(d);
+            match seen.learn(d).await {
+                Ok(true) => tracing::info!(id = %id, bytes = payload.len(), "dictionary received"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot keep a dictionary; it will be redelivered");
+                    return false;
+                }
+            }
         } else {
             counts.bad += 1;
             tracing::warn!(%topic, "dictionary content does not match its id; ignored");
@@ -349,7 +397,7 @@ async fn handle(
         tracing::warn!(%topic, notice = %String::from_utf8_lossy(payload), "gateway reports records dropped unsent");
         return true;
     }
-    let batch = match wire::decode(payload, &|id| dicts.get(id)) {
+    let batch = match wire::decode(payload, &|id| seen.dicts.get(id)) {
         Ok(b) => b,
         // Not the batch's fault: its dictionary (published retained before the gateway
         // used it) has not reached us yet. Never acknowledge what was not written out.
@@ -423,7 +471,7 @@ mod tests {
             .map(|i| Dictionary::new(vec![i as u8; 16]))
             .collect();
         for x in &all {
-            d.insert(x.clone());
+            d.insert(x.clone(), &mut None);
         }
         assert_eq!(d.by_id.len(), MAX_DICTIONARIES);
         assert!(d.get(all[0].id).is_none(), "the oldest went");

@@ -37,6 +37,18 @@ pub struct CompressionConfig {
     /// zstd level; "auto" is 3 until the rate controller drives it.
     pub level: i32,
     pub auto_level: bool,
+    pub dictionary: DictionarySetting,
+}
+
+/// `[compression] dictionary`: which zstd dictionary batches are compressed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DictionarySetting {
+    /// Batches are compressed without a dictionary.
+    Off,
+    /// Trained from recent payloads, retrained when it stops saving bytes.
+    Auto,
+    /// A fixed dictionary file, loaded at start.
+    File(PathBuf),
 }
 
 /// The embedded MQTT endpoint devices connect to.

@@ -147,7 +147,14 @@ pub fn render(c: &Config) -> String {
             Value::Integer(i64::from(c.compression.level))
         },
     );
-    comp.insert("dictionary".into(), s("off"));
+    comp.insert(
+        "dictionary".into(),
+        match &c.compression.dictionary {
+            DictionarySetting::Off => s("off"),
+            DictionarySetting::Auto => s("auto"),
+            DictionarySetting::File(p) => s(p.display().to_string()),
+        },
+    );
     root.insert("compression".into(), Value::Table(comp));
 
     let u = &c.upstream;

@@ -342,7 +342,11 @@ pub(super) fn validate_upstream(
     })
 }
 
-pub(super) fn validate_compression(ctx: &mut Ctx<'_>, raw: RawCompression) -> CompressionConfig {
+pub(super) fn validate_compression(
+    ctx: &mut Ctx<'_>,
+    raw: RawCompression,
+    path: &Path,
+) -> CompressionConfig {
     const DEFAULT_LEVEL: i32 = 3;
     let (level, auto_level) = match &raw.level {
         None => (DEFAULT_LEVEL, true),
@@ -359,14 +363,26 @@ pub(super) fn validate_compression(ctx: &mut Ctx<'_>, raw: RawCompression) -> Co
             }
         },
     };
-    if let Some(d) = &raw.dictionary {
-        if d.get_ref() != "off" {
+    let dictionary = match raw
+        .dictionary
+        .as_ref()
+        .map(|d| (d.get_ref().as_str(), d.span()))
+    {
+        None | Some(("auto", _)) => DictionarySetting::Auto,
+        Some(("off", _)) => DictionarySetting::Off,
+        Some(("", span)) => {
             ctx.err(
                 "compression.dictionary",
-                Some(d.span()),
-                "only \"off\" is available in this version of edgerelay (trained and fixed dictionaries come with the central-side unpack)",
+                Some(span),
+                "is empty: use \"auto\", \"off\" or the path of a dictionary file",
             );
+            DictionarySetting::Off
         }
+        Some((file, _)) => DictionarySetting::File(resolve(Path::new(file), path)),
+    };
+    CompressionConfig {
+        level,
+        auto_level,
+        dictionary,
     }
-    CompressionConfig { level, auto_level }
 }

@@ -48,7 +48,29 @@ fn defaults_fill_in() {
     assert_eq!(c.upstream.client_id, "edgerelay-gw1");
     assert_eq!(c.upstream.keep_alive, Duration::from_secs(30));
     assert_eq!(c.upstream.mode, UpstreamMode::Batch);
+    assert_eq!(c.compression.dictionary, DictionarySetting::Auto);
     assert!(c.sockets.is_empty());
+}
+
+#[test]
+fn dictionary_settings() {
+    let with = |v: &str| parse(&format!("{MINIMAL}[compression]\ndictionary = {v}\n"));
+    let d = |v: &str| with(v).expect("valid").compression.dictionary;
+    assert_eq!(d("\"off\""), DictionarySetting::Off);
+    assert_eq!(d("\"auto\""), DictionarySetting::Auto);
+    assert_eq!(
+        d("\"dicts/fleet.dict\""),
+        DictionarySetting::File("/etc/edgerelay/dicts/fleet.dict".into()),
+        "relative to the config file"
+    );
+    let c = with("\"/var/lib/fleet.dict\"").expect("valid");
+    assert!(c.render().contains("dictionary = \"/var/lib/fleet.dict\""));
+    let problems = with("\"\"").expect_err("empty");
+    assert!(
+        problems.iter().any(|p| p.key == "compression.dictionary"),
+        "{problems:?}"
+    );
+    assert!(with("3").is_err(), "not a string");
 }
 
 #[test]

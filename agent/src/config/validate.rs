@@ -398,7 +398,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
             &gateway,
         )
     });
-    let compression = sections::validate_compression(&mut ctx, compression.unwrap_or_default());
+    let compression =
+        sections::validate_compression(&mut ctx, compression.unwrap_or_default(), path);
     match (agent, upstream) {
         (Some(agent), Some(upstream)) if ctx.problems.is_empty() => Ok(Config {
             agent,

@@ -194,8 +194,18 @@ pub(crate) enum Request {
         gaps: Vec<Gap>,
         reply: oneshot::Sender<Result<(), AppendError>>,
     },
+    /// Set a value other parts keep with the buffer (see [`Store::put_meta`]).
+    PutMeta {
+        key: String,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<(), AppendError>>,
+    },
     Shutdown,
 }
+
+/// Keys other parts store in the meta table live under this prefix, apart from the
+/// buffer's own (format, epoch), which they can then never overwrite.
+const APP_META: &str = "app/";
 
 /// Cheap, cloneable handle to the store.
 #[derive(Clone)]
@@ -595,6 +605,33 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// Keep `value` under `key` with the buffer, durably (e.g. the uplink's dictionary
+    /// in use, so a restart does not retrain).
+    pub async fn put_meta(&self, key: &str, value: Vec<u8>) -> Result<(), AppendError> {
+        let (req, rx) = call(|reply| Request::PutMeta {
+            key: format!("{APP_META}{key}"),
+            value,
+            reply,
+        });
+        self.tx.send(req).await.map_err(|_| AppendError::Closed)?;
+        rx.await.unwrap_or(Err(AppendError::Closed))
+    }
+
+    /// The value kept under `key`, if any.
+    pub fn meta_blocking(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let storage = |e: &dyn std::fmt::Display| StoreError::Storage {
+            path: self.path.to_path_buf(),
+            detail: e.to_string(),
+        };
+        let txn = self.db.begin_read().map_err(|e| storage(&e))?;
+        let table = txn.open_table(schema::META).map_err(|e| storage(&e))?;
+        let value = table
+            .get(format!("{APP_META}{key}").as_str())
+            .map_err(|e| storage(&e))?
+            .map(|v| v.value().to_vec());
+        Ok(value)
     }
 
     /// Changes after every commit that appended records.

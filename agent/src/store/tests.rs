@@ -42,6 +42,16 @@ fn options(
     o
 }
 
+/// 1 MiB, drop-oldest, a clock stopped at 0.
+fn small_options(dir: &std::path::Path) -> StoreOptions {
+    options(
+        dir,
+        1 << 20,
+        WhenFull::DropOldest,
+        Arc::new(AtomicU64::new(0)),
+    )
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Append {
@@ -285,12 +295,7 @@ fn garbage_file_is_corrupt_not_replaced() {
     let path = dir.path().join("buffer.redb");
     let garbage = vec![0x5Au8; 64 * 1024];
     std::fs::write(&path, &garbage).expect("write");
-    let opts = options(
-        dir.path(),
-        1 << 20,
-        WhenFull::DropOldest,
-        Arc::new(AtomicU64::new(0)),
-    );
+    let opts = small_options(dir.path());
     let err = Store::open(opts).expect_err("garbage must not open");
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
     assert!(
@@ -318,12 +323,7 @@ fn foreign_redb_file_is_refused() {
         }
         txn.commit().expect("commit");
     }
-    let opts = options(
-        dir.path(),
-        1 << 20,
-        WhenFull::DropOldest,
-        Arc::new(AtomicU64::new(0)),
-    );
+    let opts = small_options(dir.path());
     let err = Store::open(opts).expect_err("foreign must not open");
     assert!(matches!(err, StoreError::Foreign { .. }), "{err:?}");
 }
@@ -331,12 +331,7 @@ fn foreign_redb_file_is_refused() {
 #[test]
 fn seqs_never_repeat_after_everything_is_acked() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let opts = options(
-        dir.path(),
-        1 << 20,
-        WhenFull::DropOldest,
-        Arc::new(AtomicU64::new(0)),
-    );
+    let opts = small_options(dir.path());
     let (store, thread) = Store::open(opts.clone()).expect("open");
     let s = store.stream_blocking("a").expect("stream");
     let seqs: Vec<u64> = (0..5)
@@ -461,6 +456,38 @@ fn acknowledged_gaps_are_forgotten_and_growth_is_kept() {
     store.maintain_blocking().expect("maintain");
     let fresh = store.gaps_blocking(10).expect("gaps");
     assert_eq!((fresh[0].first, fresh[0].last, fresh[0].count), (6, 6, 1));
+    drop(store);
+    thread.close();
+}
+
+/// Values kept with the buffer survive a reopen, and cannot touch the buffer's own
+/// format marker or epoch.
+#[test]
+fn meta_values_persist_apart_from_the_buffers_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = small_options(dir.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let (store, thread) = Store::open(opts.clone()).expect("open");
+    let epoch = store.epoch();
+    assert_eq!(store.meta_blocking("k").expect("read"), None);
+    rt.block_on(store.put_meta("k", b"v1".to_vec()))
+        .expect("put");
+    rt.block_on(store.put_meta("k", b"v2".to_vec()))
+        .expect("overwrite");
+    rt.block_on(store.put_meta("epoch", b"junk".to_vec()))
+        .expect("a key of the same name");
+    rt.block_on(store.put_meta("format", b"junk".to_vec()))
+        .expect("a key of the same name");
+    drop(store);
+    thread.close();
+    let (store, thread) = Store::open(opts).expect("the buffer's own keys are intact");
+    assert_eq!(store.epoch(), epoch);
+    assert_eq!(
+        store.meta_blocking("k").expect("read"),
+        Some(b"v2".to_vec())
+    );
     drop(store);
     thread.close();
 }

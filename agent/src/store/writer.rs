@@ -15,7 +15,7 @@ use tokio::sync::{oneshot, watch};
 use super::codec::{self, GapReason, GapValue, StreamState};
 use super::inbox::{Inbox, Recv};
 use super::retention::{self, Admission, Head};
-use super::schema::{GAPS, RECORDS, STREAMS, STREAM_STATE};
+use super::schema::{GAPS, META, RECORDS, STREAMS, STREAM_STATE};
 use super::state::{State, StreamEntry};
 use super::{AppendError, Refused, Request, StoreError, StoreOptions, StoreStats, StreamId};
 
@@ -101,6 +101,8 @@ struct Effects {
     appended: bool,
     freed: bool,
     touched: Vec<u16>,
+    /// A meta value was written (no stream touched, but still a change to commit).
+    meta_written: bool,
     more_age_work: bool,
 }
 
@@ -220,6 +222,7 @@ impl Writer {
                     records: txn.open_table(RECORDS)?,
                     gaps: txn.open_table(GAPS)?,
                     streams: txn.open_table(STREAMS)?,
+                    meta: txn.open_table(META)?,
                 };
                 for req in batch {
                     let reply = self.apply(&mut work, &mut tables, req, &mut effects)?;
@@ -241,7 +244,7 @@ impl Writer {
             Ok(txn)
         })()
         .and_then(|txn| {
-            if effects.touched.is_empty() {
+            if effects.touched.is_empty() && !effects.meta_written {
                 // Nothing changed: skip the fsync.
                 txn.abort()?;
             } else {
@@ -251,7 +254,7 @@ impl Writer {
         });
         match result {
             Ok(()) => {
-                work.commits += u64::from(!effects.touched.is_empty());
+                work.commits += u64::from(!effects.touched.is_empty() || effects.meta_written);
                 self.state = work;
                 if effects.appended {
                     self.signals.committed.send_modify(|g| *g += 1);
@@ -361,6 +364,11 @@ impl Writer {
                 for g in gaps {
                     self.ack_gap(work, t, g, fx)?;
                 }
+                Reply::Ack(Some(reply))
+            }
+            Request::PutMeta { key, value, reply } => {
+                t.meta.insert(key.as_str(), value.as_slice())?;
+                fx.meta_written = true;
                 Reply::Ack(Some(reply))
             }
             // Handled by the loop; never reaches a batch.
@@ -583,4 +591,5 @@ struct Tables<'txn> {
     records: Table<'txn, (u16, u64), &'static [u8]>,
     gaps: Table<'txn, (u16, u64), &'static [u8]>,
     streams: Table<'txn, &'static str, u16>,
+    meta: Table<'txn, &'static str, &'static [u8]>,
 }

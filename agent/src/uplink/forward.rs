@@ -70,6 +70,22 @@ pub struct Unit {
     pub seqs: Seqs,
 }
 
+/// A retained control publish (QoS 1) a packer needs the broker to acknowledge before it
+/// relies on it — a compression dictionary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    pub token: u64,
+    pub topic: String,
+    pub payload: Bytes,
+}
+
+/// A value a packer keeps with the buffer (`Store::put_meta`).
+#[derive(Debug)]
+pub struct MetaWrite {
+    pub key: &'static str,
+    pub value: Vec<u8>,
+}
+
 /// Turns queued records into publishes.
 pub trait Packer: Send + std::fmt::Debug {
     /// Records a full publish takes (the forwarder reads ahead until it has them).
@@ -83,6 +99,16 @@ pub trait Packer: Send + std::fmt::Debug {
         queue: &mut VecDeque<StoredRecord>,
         flush: bool,
     ) -> Result<Option<Unit>, UplinkError>;
+    /// The next control publish to send, before any further records.
+    fn announcement(&mut self) -> Option<Announcement> {
+        None
+    }
+    /// The broker acknowledged announcement `token`; what to keep with the buffer.
+    fn announced(&mut self, _token: u64) -> Option<MetaWrite> {
+        None
+    }
+    /// The session ended: announcements not acknowledged must be offered again.
+    fn session_lost(&mut self) {}
 }
 
 /// One record per publish, unchanged, to `{topic_prefix}/{topic}`.
@@ -147,6 +173,13 @@ pub fn gap_notice(gateway: &str, epoch: u64, stream: &str, g: &Gap) -> String {
         "reason": g.reason.as_str(),
     })
     .to_string()
+}
+
+/// What a publish awaiting PUBACK carries.
+enum InFlight {
+    Records(Seqs),
+    Gap(Gap),
+    Announcement(u64),
 }
 
 /// How a session ended.
@@ -217,7 +250,9 @@ impl Forwarder {
     ) -> End {
         let window = usize::from(self.cfg.inflight.get());
         let keep_alive = self.cfg.keep_alive;
-        let mut inflight: HashMap<u16, Seqs> = HashMap::with_capacity(window);
+        // Every publish awaiting PUBACK; only record publishes count against the window.
+        let mut inflight: HashMap<u16, InFlight> = HashMap::with_capacity(window);
+        let mut record_publishes = 0usize;
         let mut linger_deadline: Option<tokio::time::Instant> = None;
         let mut linger_expired = false;
         let mut queue: VecDeque<StoredRecord> = VecDeque::new();
@@ -226,9 +261,9 @@ impl Forwarder {
         let mut committed = self.store.committed();
         committed.borrow_and_update();
         let mut acked: Vec<u64> = Vec::new();
-        // Gap notices in flight, and whether to look for new ones (at start, then every
-        // tick: evictions are rare, a read per second is plenty).
-        let mut gaps_inflight: HashMap<u16, Gap> = HashMap::new();
+        // Whether to look for gaps to report (at start, then every tick: evictions are
+        // rare, a read per second is plenty).
+        let mut gaps_reporting = 0usize;
         let mut look_for_gaps = true;
         let mut ack_commits: FuturesUnordered<AckFuture> = FuturesUnordered::new();
         let mut last_rx = Instant::now();
@@ -238,7 +273,16 @@ impl Forwarder {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
 
         let end = 'session: loop {
-            if drain_deadline.is_none() && look_for_gaps && gaps_inflight.is_empty() {
+            if drain_deadline.is_none() {
+                while let Some(a) = self.packer.announcement() {
+                    let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
+                    if let Err(e) = s.queue_publish(a.topic, a.payload, true, pkid) {
+                        break 'session End::Lost(e.into());
+                    }
+                    inflight.insert(pkid, InFlight::Announcement(a.token));
+                }
+            }
+            if drain_deadline.is_none() && look_for_gaps && gaps_reporting == 0 {
                 look_for_gaps = false;
                 match self.store.gaps(GAP_BATCH).await {
                     Ok(gaps) => {
@@ -258,21 +302,20 @@ impl Forwarder {
                                 reason = g.reason.as_str(),
                                 "reporting records dropped unsent"
                             );
-                            let pkid = s.alloc_pkid(|id| {
-                                inflight.contains_key(&id) || gaps_inflight.contains_key(&id)
-                            });
+                            let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
                             let topic = upstream_topic(&self.cfg.topic_prefix, "gap");
                             if let Err(e) = s.queue_publish(topic, Bytes::from(body), false, pkid) {
                                 break 'session End::Lost(e.into());
                             }
-                            gaps_inflight.insert(pkid, g);
+                            inflight.insert(pkid, InFlight::Gap(g));
+                            gaps_reporting += 1;
                         }
                     }
                     Err(e) => break 'session End::Lost(e.into()),
                 }
             }
             if drain_deadline.is_none() {
-                while inflight.len() < window {
+                while record_publishes < window {
                     if queue.len() < self.packer.wants() && !caught_up {
                         match self
                             .store
@@ -302,15 +345,14 @@ impl Forwarder {
                     };
                     linger_deadline = None;
                     linger_expired = false;
-                    let pkid = s.alloc_pkid(|id| {
-                        inflight.contains_key(&id) || gaps_inflight.contains_key(&id)
-                    });
+                    let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
                     if let Err(e) = s.queue_publish(unit.topic, unit.payload, unit.retain, pkid) {
                         break 'session End::Lost(e.into());
                     }
-                    inflight.insert(pkid, unit.seqs);
+                    inflight.insert(pkid, InFlight::Records(unit.seqs));
+                    record_publishes += 1;
                 }
-            } else if inflight.is_empty() && gaps_inflight.is_empty() && s.out.is_empty() {
+            } else if inflight.is_empty() && s.out.is_empty() {
                 break 'session End::Shutdown(s);
             }
             if !acked.is_empty() && ack_commits.len() < MAX_ACK_COMMITS {
@@ -327,24 +369,35 @@ impl Forwarder {
                 packet = s.reader.next() => {
                     last_rx = Instant::now();
                     match packet {
-                        Some(Ok(Packet::PubAck(ack))) => {
-                            if let Some(seqs) = inflight.remove(&ack.pkid) {
+                        Some(Ok(Packet::PubAck(ack))) => match inflight.remove(&ack.pkid) {
+                            Some(InFlight::Records(seqs)) => {
+                                record_publishes -= 1;
                                 match seqs {
                                     Seqs::One(seq) => acked.push(seq),
                                     Seqs::Many(seqs) => acked.extend(seqs),
                                 }
                                 *productive = true;
-                            } else if let Some(g) = gaps_inflight.remove(&ack.pkid) {
+                            }
+                            Some(InFlight::Gap(g)) => {
+                                gaps_reporting -= 1;
                                 // Forgotten before anything else happens, so the next
                                 // look for gaps cannot report it twice. Gaps are rare:
                                 // waiting for this one commit here costs nothing.
                                 if let Err(e) = self.store.ack_gaps(vec![g]).await {
                                     tracing::error!(error = %e, "could not forget a reported gap; it will be reported again");
                                 }
-                            } else {
-                                tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id ignored");
                             }
-                        }
+                            Some(InFlight::Announcement(token)) => {
+                                // Rare too (a new dictionary); if keeping it fails, the
+                                // next run merely trains again.
+                                if let Some(w) = self.packer.announced(token) {
+                                    if let Err(e) = self.store.put_meta(w.key, w.value).await {
+                                        tracing::warn!(error = %e, key = w.key, "could not keep uplink state with the buffer");
+                                    }
+                                }
+                            }
+                            None => tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id ignored"),
+                        },
                         Some(Ok(Packet::PingResp)) => *productive = true,
                         Some(Ok(other)) => tracing::debug!(packet = ?other, "ignoring packet from broker"),
                         Some(Err(e)) => break 'session End::Lost(SessionError::from(e).into()),
@@ -392,9 +445,10 @@ impl Forwarder {
                 tracing::error!(error = %e, "could not delete acknowledged records");
             }
         }
-        if !inflight.is_empty() {
+        self.packer.session_lost();
+        if record_publishes > 0 {
             tracing::info!(
-                unacknowledged = inflight.len(),
+                unacknowledged = record_publishes,
                 "records in flight stay buffered and will be sent again"
             );
         }

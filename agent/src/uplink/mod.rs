@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod batch;
+pub mod dictionary;
 pub mod forward;
 pub mod session;
 

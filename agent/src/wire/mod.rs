@@ -27,6 +27,9 @@ pub const VERSION: u8 = 1;
 pub const FIXED_HEADER_LEN: usize = 48;
 /// Largest uncompressed body accepted (and produced).
 pub const MAX_BODY: usize = 64 << 20;
+/// Largest dictionary a gateway uses or the central side accepts (zstd's trained ones
+/// are ~100 KiB at most; edgerelay trains 32 KiB ones).
+pub const MAX_DICTIONARY: usize = 1 << 20;
 /// Most records in one batch.
 pub const MAX_RECORDS: u32 = 1_000_000;
 
@@ -171,6 +174,10 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 pub struct Encoder {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     dictionary: u64,
+    level: i32,
+    /// Set by `probe_next`: the next body is also compressed without the dictionary.
+    probe_next: bool,
+    last_probe: Option<(usize, usize)>,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -187,24 +194,33 @@ impl Encoder {
         let err = |e: std::io::Error| WireError::Compress(e.to_string());
         Ok(match compression {
             Compression::None => Self {
+                level: 0,
                 compressor: None,
                 dictionary: 0,
+                probe_next: false,
+                last_probe: None,
             },
             Compression::Zstd {
                 level,
                 dictionary: None,
             } => Self {
+                level,
                 compressor: Some(zstd::bulk::Compressor::new(level).map_err(err)?),
                 dictionary: 0,
+                probe_next: false,
+                last_probe: None,
             },
             Compression::Zstd {
                 level,
                 dictionary: Some(d),
             } => Self {
+                level,
                 compressor: Some(
                     zstd::bulk::Compressor::with_dictionary(level, &d.bytes).map_err(err)?,
                 ),
                 dictionary: d.id,
+                probe_next: false,
+                last_probe: None,
             },
         })
     }
@@ -216,6 +232,18 @@ impl Encoder {
         records: &[StoredRecord],
     ) -> Result<Vec<u8>, WireError> {
         encode_with(self, src, records)
+    }
+
+    /// Also compress the next body without the dictionary, to measure what the
+    /// dictionary saves (see `last_probe`). No effect without a dictionary.
+    pub fn probe_next(&mut self) {
+        self.probe_next = self.dictionary != 0;
+    }
+
+    /// (compressed with the dictionary, compressed without) of the last batch, if it
+    /// was probed.
+    pub fn last_probe(&self) -> Option<(usize, usize)> {
+        self.last_probe
     }
 }
 
@@ -316,6 +344,14 @@ fn encode_with(
             let compressed = c
                 .compress(&body)
                 .map_err(|e| WireError::Compress(e.to_string()))?;
+            enc.last_probe = None;
+            if std::mem::take(&mut enc.probe_next) {
+                // Rare (one batch in many): a one-off context is cheaper than keeping a
+                // second one allocated for it.
+                let plain = zstd::bulk::compress(&body, enc.level)
+                    .map_err(|e| WireError::Compress(e.to_string()))?;
+                enc.last_probe = Some((compressed.len(), plain.len()));
+            }
             (Codec::Zstd, enc.dictionary, compressed)
         }
     };
