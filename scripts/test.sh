@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine: installs what the tests need
-# (mosquitto, mosquitto-clients, iproute2 — needs root), then runs every test against
-# real brokers and the real binary.
+# (mosquitto, mosquitto-clients, iproute2, ethtool — needs root), then runs every test
+# against real brokers, the real binary and real network namespaces (the link lab).
 #
 #   sudo scripts/test.sh [extra cargo test args]
 set -euo pipefail

@@ -68,6 +68,9 @@ fn require_binary(name: &str, package: &str) -> PathBuf {
 #[allow(missing_debug_implementations)]
 pub struct Mosquitto {
     pub port: u16,
+    host: std::net::Ipv4Addr,
+    /// Network namespace it runs in (a link lab's central side), if not the test's own.
+    netns: Option<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -79,6 +82,16 @@ impl Mosquitto {
 
     /// Start with extra mosquitto.conf lines.
     pub fn start_with(extra: &str) -> Self {
+        Self::launch(None, std::net::Ipv4Addr::LOCALHOST, free_port(), extra)
+    }
+
+    /// Start inside network namespace `netns` (e.g. a link lab's central side),
+    /// listening on `host`:1883.
+    pub fn start_in(netns: &str, host: std::net::Ipv4Addr) -> Self {
+        Self::launch(Some(netns.to_owned()), host, 1883, "")
+    }
+
+    fn launch(netns: Option<String>, host: std::net::Ipv4Addr, port: u16, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         // Started as root, mosquitto drops to the `mosquitto` user: it must be able to
         // write its persistence file here.
@@ -87,14 +100,15 @@ impl Mosquitto {
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
                 .expect("chmod broker dir");
         }
-        let port = free_port();
         let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 0\nlog_dest stderr\n{extra}\n",
+            "listener {port} {host}\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 0\nlog_dest stderr\n{extra}\n",
             dir.path().display()
         );
         std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write mosquitto.conf");
         let mut m = Self {
             port,
+            host,
+            netns,
             dir,
             child: None,
         };
@@ -109,7 +123,15 @@ impl Mosquitto {
             .append(true)
             .open(self.dir.path().join("mosquitto.log"))
             .expect("mosquitto log");
-        let child = Command::new(bin)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("-c")
             .arg(self.dir.path().join("mosquitto.conf"))
             .stdout(Stdio::null())
@@ -117,15 +139,23 @@ impl Mosquitto {
             .spawn()
             .expect("spawn mosquitto");
         self.child = Some(child);
-        wait_for_port(self.addr(), SOON);
+        if self.netns.is_none() {
+            wait_for_port(self.addr(), SOON);
+        } else {
+            // Not reachable from the test's namespace: its log says when it listens.
+            let started = self.log().matches(" running").count();
+            wait_until("mosquitto in the lab to listen", SOON, || {
+                (self.log().matches(" running").count() > started).then_some(())
+            });
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::from((self.host, self.port))
     }
 
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        format!("mqtt://{}:{}", self.host, self.port)
     }
 
     /// Stop the broker (SIGTERM, so it saves its persistence file) and wait for it.
