@@ -10,6 +10,7 @@
 pub mod central;
 pub mod config;
 pub mod ingest;
+pub mod link;
 pub mod record;
 pub mod store;
 pub mod topic;
@@ -136,6 +137,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     ingest.close();
 
     let uplink_cancel = CancellationToken::new();
+    let (monitor, link_feed, _link_quality) = link::Monitor::new(config.link.clone());
+    let monitor = tokio::spawn(monitor.run(uplink_cancel.clone()));
     let packer: Box<dyn uplink::forward::Packer> = match config.upstream.mode {
         UpstreamMode::Passthrough => Box::new(uplink::PassthroughPacker {
             prefix: config.upstream.topic_prefix.clone(),
@@ -169,6 +172,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             stream,
             packer,
         )
+        .with_link_feed(link_feed)
         .run(uplink_cancel.clone()),
     );
 
@@ -189,6 +193,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     if let Err(e) = uplink.await {
         tracing::error!(error = %e, "uplink task failed");
     }
+    let _ = monitor.await;
     drop(store);
     tokio::task::spawn_blocking(move || store_thread.close())
         .await

@@ -295,9 +295,23 @@ impl Agent {
     }
 
     pub fn spawn_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn_cmd(Command::new(agent_bin()), dir, config, env)
+    }
+
+    /// Start inside network namespace `netns` (a link lab's gateway side) and wait for
+    /// readiness.
+    pub fn start_in_netns(netns: &str, dir: &Path, config: &str) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns]).arg(agent_bin());
+        let a = Self::spawn_cmd(cmd, dir, config, &[]);
+        a.wait_for_log("edgerelay ready", SOON);
+        a
+    }
+
+    fn spawn_cmd(mut cmd: Command, dir: &Path, config: &str, env: &[(&str, &str)]) -> Self {
         let config_path = dir.join("edgerelay.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut child = Command::new(agent_bin())
+        let mut child = cmd
             .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
@@ -333,6 +347,16 @@ impl Agent {
 
     pub fn logs(&self) -> String {
         self.log.lines.lock().expect("log lock").join("\n")
+    }
+
+    /// The log lines so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lines.lock().expect("log lock").clone()
+    }
+
+    /// Block until `pred` holds over the log lines.
+    pub fn wait_for_logs(&self, what: &str, timeout: Duration, pred: impl Fn(&[String]) -> bool) {
+        self.log.wait_for(what, timeout, pred);
     }
 
     /// Block until a log line contains `needle`.

@@ -24,11 +24,41 @@ pub use crate::store::WhenFull;
 pub struct Config {
     pub agent: AgentConfig,
     pub compression: CompressionConfig,
+    pub link: LinkConfig,
     pub buffer: BufferConfig,
     pub sockets: Vec<SocketConfig>,
     pub local_mqtt: Option<LocalMqttConfig>,
     pub local_broker: Option<LocalBrokerConfig>,
     pub upstream: UpstreamConfig,
+}
+
+/// How the link to the central broker is measured (`[link]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkConfig {
+    pub probe: ProbeSetting,
+}
+
+/// `[link] probe`: where link measurements come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeSetting {
+    /// eBPF when it loads, else TCP_INFO.
+    Auto,
+    /// eBPF only; if it cannot load, the agent says why and uses TCP_INFO anyway.
+    Ebpf,
+    TcpInfo,
+    /// No transport measurements (PUBACK round trips only).
+    Off,
+}
+
+impl ProbeSetting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeSetting::Auto => "auto",
+            ProbeSetting::Ebpf => "ebpf",
+            ProbeSetting::TcpInfo => "tcp-info",
+            ProbeSetting::Off => "off",
+        }
+    }
 }
 
 /// How batches are compressed (`[compression]`).

@@ -104,3 +104,9 @@ pub struct RawCompression {
     pub level: Field<LevelValue>,
     pub dictionary: Field<String>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLink {
+    pub probe: Field<String>,
+}

@@ -157,6 +157,10 @@ pub fn render(c: &Config) -> String {
     );
     root.insert("compression".into(), Value::Table(comp));
 
+    let mut link = Table::new();
+    link.insert("probe".into(), s(c.link.probe.as_str()));
+    root.insert("link".into(), Value::Table(link));
+
     let u = &c.upstream;
     let mut up = Table::new();
     up.insert("url".into(), s(&u.url));

@@ -7,7 +7,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{LevelValue, RawAgent, RawBuffer, RawCompression, RawSocket, RawUpstream};
+use super::raw::{
+    LevelValue, RawAgent, RawBuffer, RawCompression, RawLink, RawSocket, RawUpstream,
+};
 use super::validate::{resolve, Ctx};
 use super::*;
 use crate::store::MIN_MAX_SIZE;
@@ -385,4 +387,19 @@ pub(super) fn validate_compression(
         auto_level,
         dictionary,
     }
+}
+
+pub(super) fn validate_link(ctx: &mut Ctx<'_>, raw: RawLink) -> LinkConfig {
+    let probe = ctx.choice(
+        "link.probe",
+        &raw.probe,
+        &[
+            ("auto", ProbeSetting::Auto),
+            ("ebpf", ProbeSetting::Ebpf),
+            ("tcp-info", ProbeSetting::TcpInfo),
+            ("off", ProbeSetting::Off),
+        ],
+        ProbeSetting::Auto,
+    );
+    LinkConfig { probe }
 }

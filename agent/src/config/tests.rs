@@ -53,6 +53,29 @@ fn defaults_fill_in() {
 }
 
 #[test]
+fn link_probe_settings() {
+    assert_eq!(
+        parse(MINIMAL).expect("valid").link.probe,
+        ProbeSetting::Auto
+    );
+    let with = |v: &str| parse(&format!("{MINIMAL}[link]\nprobe = \"{v}\"\n"));
+    for (v, p) in [
+        ("ebpf", ProbeSetting::Ebpf),
+        ("tcp-info", ProbeSetting::TcpInfo),
+        ("off", ProbeSetting::Off),
+    ] {
+        let c = with(v).expect("valid");
+        assert_eq!(c.link.probe, p);
+        assert!(c.render().contains(&format!("probe = \"{v}\"")));
+    }
+    let problems = with("kprobe").expect_err("not an option");
+    assert!(
+        problems.iter().any(|p| p.key == "link.probe"),
+        "{problems:?}"
+    );
+}
+
+#[test]
 fn dictionary_settings() {
     let with = |v: &str| parse(&format!("{MINIMAL}[compression]\ndictionary = {v}\n"));
     let d = |v: &str| with(v).expect("valid").compression.dictionary;

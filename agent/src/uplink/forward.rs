@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::Backoff;
 use super::session::{Session, SessionError};
 use crate::config::UpstreamConfig;
+use crate::link::{LinkEvent, LinkFeed};
 use crate::record::StoredRecord;
 use crate::sleep_until_opt;
 use crate::store::{AppendError, Gap, Store, StoreError, StreamId};
@@ -156,6 +157,7 @@ pub struct Forwarder {
     store: Store,
     stream: StreamId,
     packer: Box<dyn Packer>,
+    link: LinkFeed,
 }
 
 /// Gap notices published at once, at most.
@@ -182,6 +184,32 @@ enum InFlight {
     Announcement(u64),
 }
 
+/// A publish awaiting PUBACK: what it carries, when it was queued, its payload size
+/// (for the link monitor's PUBACK round trips and goodput).
+struct Pending {
+    what: InFlight,
+    queued: Instant,
+    bytes: usize,
+}
+
+impl Pending {
+    fn new(what: InFlight, bytes: usize) -> Self {
+        Self {
+            what,
+            queued: Instant::now(),
+            bytes,
+        }
+    }
+}
+
+/// PUBACKs since the last report to the link monitor.
+#[derive(Default)]
+struct PubackTally {
+    count: u32,
+    rtt_sum: Duration,
+    bytes: usize,
+}
+
 /// How a session ended.
 enum End {
     Shutdown(Session),
@@ -202,7 +230,14 @@ impl Forwarder {
             store,
             stream,
             packer,
+            link: LinkFeed::detached(),
         }
+    }
+
+    /// Report connections, TCP_INFO and PUBACK round trips to the link monitor.
+    pub fn with_link_feed(mut self, link: LinkFeed) -> Self {
+        self.link = link;
+        self
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
@@ -216,14 +251,19 @@ impl Forwarder {
             match connected {
                 Ok(session) => {
                     tracing::info!(broker = %addr, client_id = %self.cfg.client_id, "connected upstream");
+                    self.link.send(LinkEvent::Connected);
                     let mut productive = false;
                     match self.serve(session, &cancel, &mut productive).await {
                         End::Shutdown(session) => {
                             session.disconnect(Duration::from_secs(1)).await;
+                            self.link.send(LinkEvent::Disconnected { reset: false });
                             tracing::info!(broker = %addr, "disconnected upstream");
                             break;
                         }
                         End::Lost(e) => {
+                            self.link.send(LinkEvent::Disconnected {
+                                reset: is_reset(&e),
+                            });
                             tracing::warn!(broker = %addr, error = %e, "upstream connection lost")
                         }
                     }
@@ -231,7 +271,12 @@ impl Forwarder {
                         backoff.reset();
                     }
                 }
-                Err(e) => tracing::warn!(broker = %addr, error = %e, "cannot connect upstream"),
+                Err(e) => {
+                    self.link.send(LinkEvent::ConnectFailed {
+                        refused: matches!(&e, SessionError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused),
+                    });
+                    tracing::warn!(broker = %addr, error = %e, "cannot connect upstream")
+                }
             }
             let delay = backoff.next_delay(rand::random::<f64>());
             tracing::debug!(?delay, "reconnecting after backoff");
@@ -251,7 +296,14 @@ impl Forwarder {
         let window = usize::from(self.cfg.inflight.get());
         let keep_alive = self.cfg.keep_alive;
         // Every publish awaiting PUBACK; only record publishes count against the window.
-        let mut inflight: HashMap<u16, InFlight> = HashMap::with_capacity(window);
+        let mut inflight: HashMap<u16, Pending> = HashMap::with_capacity(window);
+        let mut pubacks = PubackTally::default();
+        // Tags TCP_INFO samples: the counters restart with every connection.
+        let connection = s
+            .writer
+            .as_ref()
+            .local_addr()
+            .map_or(0, |a| u64::from(a.port()));
         let mut record_publishes = 0usize;
         let mut linger_deadline: Option<tokio::time::Instant> = None;
         let mut linger_expired = false;
@@ -276,10 +328,11 @@ impl Forwarder {
             if drain_deadline.is_none() {
                 while let Some(a) = self.packer.announcement() {
                     let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
+                    let bytes = a.payload.len();
                     if let Err(e) = s.queue_publish(a.topic, a.payload, true, pkid) {
                         break 'session End::Lost(e.into());
                     }
-                    inflight.insert(pkid, InFlight::Announcement(a.token));
+                    inflight.insert(pkid, Pending::new(InFlight::Announcement(a.token), bytes));
                 }
             }
             if drain_deadline.is_none() && look_for_gaps && gaps_reporting == 0 {
@@ -304,10 +357,11 @@ impl Forwarder {
                             );
                             let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
                             let topic = upstream_topic(&self.cfg.topic_prefix, "gap");
+                            let bytes = body.len();
                             if let Err(e) = s.queue_publish(topic, Bytes::from(body), false, pkid) {
                                 break 'session End::Lost(e.into());
                             }
-                            inflight.insert(pkid, InFlight::Gap(g));
+                            inflight.insert(pkid, Pending::new(InFlight::Gap(g), bytes));
                             gaps_reporting += 1;
                         }
                     }
@@ -346,10 +400,11 @@ impl Forwarder {
                     linger_deadline = None;
                     linger_expired = false;
                     let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
+                    let bytes = unit.payload.len();
                     if let Err(e) = s.queue_publish(unit.topic, unit.payload, unit.retain, pkid) {
                         break 'session End::Lost(e.into());
                     }
-                    inflight.insert(pkid, InFlight::Records(unit.seqs));
+                    inflight.insert(pkid, Pending::new(InFlight::Records(unit.seqs), bytes));
                     record_publishes += 1;
                 }
             } else if inflight.is_empty() && s.out.is_empty() {
@@ -369,7 +424,12 @@ impl Forwarder {
                 packet = s.reader.next() => {
                     last_rx = Instant::now();
                     match packet {
-                        Some(Ok(Packet::PubAck(ack))) => match inflight.remove(&ack.pkid) {
+                        Some(Ok(Packet::PubAck(ack))) => match inflight.remove(&ack.pkid).map(|p| {
+                            pubacks.count += 1;
+                            pubacks.rtt_sum += p.queued.elapsed();
+                            pubacks.bytes += p.bytes;
+                            p.what
+                        }) {
                             Some(InFlight::Records(seqs)) => {
                                 record_publishes -= 1;
                                 match seqs {
@@ -423,6 +483,7 @@ impl Forwarder {
                 }
                 _ = tick.tick() => {
                     look_for_gaps = true;
+                    self.report_link(&s, connection, &mut pubacks);
                     if last_rx.elapsed() > keep_alive + keep_alive / 2 {
                         break 'session End::Lost(SessionError::KeepAliveTimeout(last_rx.elapsed()).into());
                     }
@@ -459,11 +520,35 @@ impl Forwarder {
         end
     }
 
+    /// Once a second: TCP_INFO of the upstream socket and the PUBACKs since last time.
+    fn report_link(&self, s: &Session, connection: u64, pubacks: &mut PubackTally) {
+        if self.link.wants_tcp_info() {
+            match crate::link::tcp_info::read(s.writer.as_ref(), connection) {
+                Ok(t) => self.link.send(LinkEvent::Transport(t)),
+                Err(e) => tracing::debug!(error = %e, "TCP_INFO of the upstream socket"),
+            }
+        }
+        let p = std::mem::take(pubacks);
+        if p.count > 0 {
+            self.link.send(LinkEvent::Pubacks {
+                count: p.count,
+                mean_rtt: p.rtt_sum / p.count,
+                bytes: p.bytes,
+            });
+        }
+    }
+
     fn ack_future(&self, seqs: Vec<u64>) -> AckFuture {
         let store = self.store.clone();
         let stream = self.stream;
         Box::pin(async move { store.ack(stream, seqs).await })
     }
+}
+
+/// Whether a lost session was reset by the peer.
+fn is_reset(e: &UplinkError) -> bool {
+    matches!(e, UplinkError::Session(SessionError::Io(io))
+        if matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted))
 }
 
 #[cfg(test)]

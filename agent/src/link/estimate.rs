@@ -1,0 +1,209 @@
+//! Link quality from measurements: the pure core of the link monitor (no I/O, time
+//! passed in).
+//!
+//! Inputs are transport samples — cumulative counters and the kernel's smoothed RTT of
+//! the upstream connection, from the eBPF probe or TCP_INFO — and application samples
+//! (PUBACK round trips, bytes acknowledged), plus connect/disconnect events.
+//!
+//! Invariants: counters are cumulative per connection, so a new connection (or a
+//! counter going backwards) starts a new baseline instead of producing negative deltas;
+//! the loss rate is retransmitted / sent segments over the last `LOSS_WINDOW`
+//! segments (weighted by segments, not by seconds); `up` is false while disconnected,
+//! and while data is outstanding without any acknowledgement for longer than
+//! `stall_after(srtt)`.
+
+use std::time::{Duration, Instant};
+
+/// Where transport measurements came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Ebpf,
+    TcpInfo,
+    /// No transport measurements: PUBACK round trips only.
+    None,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Ebpf => "ebpf",
+            Source::TcpInfo => "tcp-info",
+            Source::None => "none",
+        }
+    }
+}
+
+/// One reading of the upstream connection's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transport {
+    pub source: Source,
+    /// Identifies the connection (e.g. its local port): counters restart with it.
+    pub connection: u64,
+    pub srtt: Duration,
+    pub rttvar: Duration,
+    /// Segments sent, cumulative.
+    pub segs_out: u64,
+    /// Segments retransmitted, cumulative.
+    pub retrans: u64,
+    /// The kernel's delivery-rate estimate, bytes/s (0: unknown).
+    pub delivery_rate: u64,
+    /// Segments sent and not yet acknowledged.
+    pub unacked: u32,
+    /// Time since the last ACK arrived (None: unknown).
+    pub since_last_ack: Option<Duration>,
+}
+
+/// The link as the uplink and the rate controller see it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkQuality {
+    pub source: Source,
+    pub up: bool,
+    /// Smoothed transport RTT (zero until measured).
+    pub srtt: Duration,
+    pub rttvar: Duration,
+    /// Retransmitted / sent segments, smoothed (0..1).
+    pub loss: f64,
+    /// Connection resets and refused connections seen, cumulative.
+    pub resets: u64,
+    /// Delivery rate, bytes/s (kernel estimate, else acknowledged bytes per second).
+    pub delivery_rate: u64,
+    /// Bytes acknowledged by PUBACKs per second, smoothed.
+    pub goodput: u64,
+    /// PUBACK round trip, smoothed (zero until measured).
+    pub app_rtt: Duration,
+}
+
+/// Weight of a new sample in the EWMAs (per sample or per second).
+const ALPHA: f64 = 0.2;
+
+fn ewma(old: Option<f64>, new: f64) -> f64 {
+    old.map_or(new, |o| o + ALPHA * (new - o))
+}
+
+/// Segments the loss rate is measured over.
+pub const LOSS_WINDOW: f64 = 2000.0;
+
+/// Outstanding data with no ACK for this long means the link is down.
+pub fn stall_after(srtt: Duration) -> Duration {
+    (srtt * 4).max(Duration::from_secs(2))
+}
+
+#[derive(Debug, Default)]
+pub struct Estimator {
+    source: Option<Source>,
+    connected: bool,
+    last: Option<Transport>,
+    srtt: Option<f64>,
+    rttvar: Option<f64>,
+    loss: Option<f64>,
+    /// Segments counted into `loss` so far (the window fills up first).
+    window_segs: f64,
+    delivery_rate: u64,
+    resets: u64,
+    stalled: bool,
+    app_rtt: Option<f64>,
+    acked_since: u64,
+    goodput: Option<f64>,
+    last_tick: Option<Instant>,
+}
+
+impl Estimator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn connected(&mut self) {
+        self.connected = true;
+        self.stalled = false;
+    }
+
+    /// The session ended; `reset`: by a reset or a refused connect.
+    pub fn disconnected(&mut self, reset: bool) {
+        self.connected = false;
+        self.last = None;
+        if reset {
+            self.resets += 1;
+        }
+    }
+
+    /// Resets counted by a probe that sees them itself (cumulative there).
+    pub fn add_resets(&mut self, n: u64) {
+        self.resets += n;
+    }
+
+    pub fn transport(&mut self, t: Transport) {
+        self.source = Some(t.source);
+        if !t.srtt.is_zero() {
+            self.srtt = Some(ewma(self.srtt, t.srtt.as_secs_f64()));
+            self.rttvar = Some(ewma(self.rttvar, t.rttvar.as_secs_f64()));
+        }
+        if t.delivery_rate > 0 {
+            self.delivery_rate = t.delivery_rate;
+        }
+        let srtt = Duration::from_secs_f64(self.srtt.unwrap_or(0.0));
+        self.stalled = t.unacked > 0
+            && t.since_last_ack
+                .is_some_and(|since| since > stall_after(srtt));
+        if let Some(prev) = self.last.filter(|p| {
+            p.connection == t.connection && t.segs_out >= p.segs_out && t.retrans >= p.retrans
+        }) {
+            let segs = (t.segs_out - prev.segs_out) as f64;
+            let retrans = (t.retrans - prev.retrans) as f64;
+            if segs > 0.0 {
+                // Loss over the last ~LOSS_WINDOW segments (all of them until there
+                // are that many): a 2 % rate needs thousands of segments to be
+                // measured to within a point, whatever the traffic per second.
+                self.window_segs += segs;
+                let a = (segs / self.window_segs.min(LOSS_WINDOW)).min(1.0);
+                let rate = (retrans / segs).min(1.0);
+                self.loss = Some(self.loss.map_or(rate, |l| l + a * (rate - l)));
+            }
+        }
+        self.last = Some(t);
+    }
+
+    /// A PUBACK arrived `rtt` after its publish was queued, acknowledging `bytes`.
+    pub fn puback(&mut self, rtt: Duration, bytes: usize) {
+        self.app_rtt = Some(ewma(self.app_rtt, rtt.as_secs_f64()));
+        self.acked_since += bytes as u64;
+        if self.source.is_none() || self.source == Some(Source::None) {
+            // Without transport data, PUBACKs are the only evidence of progress.
+            self.stalled = false;
+        }
+    }
+
+    /// Close a measurement interval (once a second): goodput from the bytes acknowledged.
+    pub fn tick(&mut self, now: Instant) {
+        if let Some(prev) = self.last_tick {
+            let secs = now.saturating_duration_since(prev).as_secs_f64();
+            if secs > 0.0 {
+                self.goodput = Some(ewma(self.goodput, self.acked_since as f64 / secs));
+            }
+        }
+        self.acked_since = 0;
+        self.last_tick = Some(now);
+    }
+
+    pub fn quality(&self) -> LinkQuality {
+        let loss = self.loss.unwrap_or(0.0).clamp(0.0, 1.0);
+        let goodput = self.goodput.unwrap_or(0.0) as u64;
+        LinkQuality {
+            source: self.source.unwrap_or(Source::None),
+            up: self.connected && !self.stalled,
+            srtt: Duration::from_secs_f64(self.srtt.unwrap_or(0.0)),
+            rttvar: Duration::from_secs_f64(self.rttvar.unwrap_or(0.0)),
+            loss,
+            resets: self.resets,
+            delivery_rate: if self.delivery_rate > 0 {
+                self.delivery_rate
+            } else {
+                goodput
+            },
+            goodput,
+            app_rtt: Duration::from_secs_f64(self.app_rtt.unwrap_or(0.0)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

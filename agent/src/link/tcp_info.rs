@@ -1,0 +1,129 @@
+//! The TCP_INFO source: the kernel's own view of the upstream connection, read with one
+//! getsockopt. Works everywhere, needs no privilege; the fallback when the eBPF probe
+//! cannot load.
+//!
+//! The agent's only unsafe code is here: std has no TCP_INFO, and the crates that wrap
+//! it generate bindings at build time (libclang), which ARM cross builds cannot afford.
+//! The struct below is the kernel's `struct tcp_info` up to `tcpi_delivery_rate`; its
+//! layout is the same on every architecture (u64 fields fall on 8-byte offsets). An older
+//! kernel fills less of it: fields it did not write stay zero.
+
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Duration;
+
+use super::estimate::{Source, Transport};
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct RawTcpInfo {
+    state: u8,
+    ca_state: u8,
+    retransmits: u8,
+    probes: u8,
+    backoff: u8,
+    options: u8,
+    wscale: u8,
+    flags: u8,
+    rto: u32,
+    ato: u32,
+    snd_mss: u32,
+    rcv_mss: u32,
+    unacked: u32,
+    sacked: u32,
+    lost: u32,
+    retrans: u32,
+    fackets: u32,
+    last_data_sent: u32,
+    last_ack_sent: u32,
+    last_data_recv: u32,
+    last_ack_recv: u32,
+    pmtu: u32,
+    rcv_ssthresh: u32,
+    rtt: u32,
+    rttvar: u32,
+    snd_ssthresh: u32,
+    snd_cwnd: u32,
+    advmss: u32,
+    reordering: u32,
+    rcv_rtt: u32,
+    rcv_space: u32,
+    total_retrans: u32,
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+    segs_out: u32,
+    segs_in: u32,
+    notsent_bytes: u32,
+    min_rtt: u32,
+    data_segs_in: u32,
+    data_segs_out: u32,
+    delivery_rate: u64,
+}
+
+/// Read TCP_INFO of `socket` (a connected TCP socket); `connection` tags the sample.
+pub fn read(socket: &impl AsFd, connection: u64) -> std::io::Result<Transport> {
+    let mut info = RawTcpInfo::default();
+    let mut len = std::mem::size_of::<RawTcpInfo>() as libc::socklen_t;
+    // SAFETY: `info` is a plain-old-data struct writable for `len` bytes, and the
+    // kernel writes at most `len` bytes into it; the fd is borrowed for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut RawTcpInfo).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Transport {
+        source: Source::TcpInfo,
+        connection,
+        srtt: Duration::from_micros(u64::from(info.rtt)),
+        rttvar: Duration::from_micros(u64::from(info.rttvar)),
+        // Data segments where the kernel has them (4.6+), else all segments.
+        segs_out: u64::from(if info.data_segs_out > 0 {
+            info.data_segs_out
+        } else {
+            info.segs_out
+        }),
+        retrans: u64::from(info.total_retrans),
+        delivery_rate: info.delivery_rate,
+        unacked: info.unacked,
+        since_last_ack: Some(Duration::from_millis(u64::from(info.last_ack_recv))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    #[test]
+    fn reads_a_live_connection() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut c = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (mut s, _) = l.accept().expect("accept");
+        for _ in 0..10 {
+            c.write_all(b"ping").expect("write");
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).expect("read");
+            s.write_all(&b).expect("echo");
+            c.read_exact(&mut b).expect("read echo");
+        }
+        let t = super::read(&c, 7).expect("TCP_INFO");
+        assert_eq!(t.connection, 7);
+        assert!(t.segs_out >= 10, "{t:?}");
+        assert!(
+            !t.srtt.is_zero(),
+            "loopback RTT is small but measured: {t:?}"
+        );
+        assert!(t.srtt < std::time::Duration::from_millis(100));
+        let err = super::read(&std::net::UdpSocket::bind("127.0.0.1:0").expect("udp"), 0);
+        assert!(err.is_err(), "not a TCP socket");
+    }
+}
