@@ -137,7 +137,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     ingest.close();
 
     let uplink_cancel = CancellationToken::new();
-    let (monitor, link_feed, _link_quality) = link::Monitor::new(config.link.clone());
+    let (mut monitor, link_feed, _link_quality) = link::Monitor::new(
+        config.link.clone(),
+        &config.upstream.host,
+        config.upstream.port,
+    );
+    monitor.start().await;
     let monitor = tokio::spawn(monitor.run(uplink_cancel.clone()));
     let packer: Box<dyn uplink::forward::Packer> = match config.upstream.mode {
         UpstreamMode::Passthrough => Box::new(uplink::PassthroughPacker {

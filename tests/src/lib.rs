@@ -299,10 +299,22 @@ impl Agent {
     }
 
     /// Start inside network namespace `netns` (a link lab's gateway side) and wait for
-    /// readiness.
+    /// readiness. Only the network namespace changes (nsenter, not `ip netns exec`,
+    /// which remounts /sys and so hides the cgroup2 mount the eBPF probe attaches to).
     pub fn start_in_netns(netns: &str, dir: &Path, config: &str) -> Self {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", netns]).arg(agent_bin());
+        Self::start_wrapped(
+            &["nsenter", &format!("--net=/run/netns/{netns}")],
+            dir,
+            config,
+        )
+    }
+
+    /// Start through a wrapper command (e.g. `setpriv …` to drop capabilities) and
+    /// wait for readiness.
+    pub fn start_wrapped(wrapper: &[&str], dir: &Path, config: &str) -> Self {
+        let (program, args) = wrapper.split_first().expect("a wrapper command");
+        let mut cmd = Command::new(program);
+        cmd.args(args).arg(agent_bin());
         let a = Self::spawn_cmd(cmd, dir, config, &[]);
         a.wait_for_log("edgerelay ready", SOON);
         a

@@ -25,6 +25,17 @@ fn config(data: &std::path::Path, lab: &Lab, probe: &str, mode: &str) -> String 
     .replace("mode = \"passthrough\"\n", &format!("mode = \"{mode}\"\nbatch_size = 100\nbatch_linger = \"20ms\"\n"))
 }
 
+/// The monitor started with `probe` as its source, or the test fails with its reason.
+fn assert_source(agent: &Agent, probe: &str) {
+    agent.wait_for_log("link monitor", SOON);
+    let logs = agent.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("link monitor started") && l.contains(&format!("source=\"{probe}\""))),
+        "the link monitor did not start with source {probe} (the eBPF tests need root and kernel BTF):\n{logs}"
+    );
+}
+
 /// Feed the agent (inside the gateway namespace) with `size`-byte random payloads until
 /// the returned flag is set.
 fn feed(lab: &Lab, size: usize) -> Arc<AtomicBool> {
@@ -65,8 +76,9 @@ fn quality_lines(agent: &Agent) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn tcp_info_measures_rtt_and_loss_of_a_lossy_link() {
+/// 100 ms one way, 2 % loss both ways: the monitor, fed by `probe`, reports an RTT
+/// within 15 % of 200 ms and a retransmit rate within 1 point of 2 %.
+fn measures_rtt_and_loss_of_a_lossy_link(probe: &str) {
     let lab = Lab::builder()
         .both(spec::parse("delay=100ms,loss=2%").expect("spec"))
         .seed(11)
@@ -77,8 +89,9 @@ fn tcp_info_measures_rtt_and_loss_of_a_lossy_link() {
     let agent = Agent::start_in_netns(
         lab.namespace(Side::Gateway),
         dir.path(),
-        &config(&dir.path().join("data"), &lab, "tcp-info", "batch"),
+        &config(&dir.path().join("data"), &lab, probe, "batch"),
     );
+    assert_source(&agent, probe);
     let stop = feed(&lab, 1024);
     // ~30 s of bulk upload: the loss rate needs a few thousand segments.
     agent.wait_for_logs(
@@ -97,7 +110,7 @@ fn tcp_info_measures_rtt_and_loss_of_a_lossy_link() {
     stop.store(true, Ordering::Relaxed);
     let last = quality_lines(&agent).pop().expect("a quality line");
     eprintln!("{last}");
-    assert_eq!(field(&last, "source").as_deref(), Some("tcp-info"));
+    assert_eq!(field(&last, "source").as_deref(), Some(probe));
     let srtt: f64 = field(&last, "srtt_ms")
         .and_then(|v| v.parse().ok())
         .expect("srtt");
@@ -115,7 +128,72 @@ fn tcp_info_measures_rtt_and_loss_of_a_lossy_link() {
 }
 
 #[test]
-fn an_outage_is_down_within_seconds_and_a_refused_connect_is_a_reset() {
+fn tcp_info_measures_rtt_and_loss_of_a_lossy_link() {
+    measures_rtt_and_loss_of_a_lossy_link("tcp-info");
+}
+
+#[test]
+fn ebpf_measures_rtt_and_loss_of_a_lossy_link() {
+    measures_rtt_and_loss_of_a_lossy_link("ebpf");
+}
+
+#[test]
+fn tcp_info_sees_an_outage_and_refused_connects() {
+    outage_is_down_within_seconds_and_a_refused_connect_is_a_reset("tcp-info");
+}
+
+#[test]
+fn ebpf_sees_an_outage_and_refused_connects() {
+    outage_is_down_within_seconds_and_a_refused_connect_is_a_reset("ebpf");
+}
+
+/// Without CAP_BPF the monitor says so once, uses TCP_INFO, and the agent relays on.
+#[test]
+fn unprivileged_the_monitor_falls_back_to_tcp_info() {
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::start(broker.port, "up/#");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let cfg = agent_config(
+        &dir.path().join("data"),
+        &broker.url(),
+        &format!("[link]\nprobe = \"auto\"\n\n[[socket]]\nkind = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"lines\"\ntopic = \"t\"\n"),
+    );
+    let agent = Agent::start_wrapped(
+        &[
+            "setpriv",
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+        ],
+        dir.path(),
+        &cfg,
+    );
+    agent.wait_for_log("link monitor", SOON);
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.write_all(b"still relaying\n").expect("write");
+    sub.wait_for("the message upstream", SOON, |got| {
+        got.iter().any(|r| r.payload == b"still relaying")
+    });
+    agent.wait_for_logs("a quality line from TCP_INFO", SOON, |lines| {
+        lines
+            .iter()
+            .any(|l| l.contains("link quality") && l.contains("source=\"tcp-info\""))
+    });
+    let logs = agent.log_lines();
+    let why: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("eBPF probe cannot be used"))
+        .collect();
+    assert_eq!(why.len(), 1, "one clear line: {why:?}");
+    assert!(
+        why[0].contains("CAP_BPF") && why[0].contains("reason="),
+        "{}",
+        why[0]
+    );
+}
+
+fn outage_is_down_within_seconds_and_a_refused_connect_is_a_reset(probe: &str) {
     let lab = Lab::builder()
         .both(spec::parse("delay=20ms").expect("spec"))
         .start()
@@ -125,8 +203,9 @@ fn an_outage_is_down_within_seconds_and_a_refused_connect_is_a_reset() {
     let agent = Agent::start_in_netns(
         lab.namespace(Side::Gateway),
         dir.path(),
-        &config(&dir.path().join("data"), &lab, "tcp-info", "passthrough"),
+        &config(&dir.path().join("data"), &lab, probe, "passthrough"),
     );
+    assert_source(&agent, probe);
     let stop = feed(&lab, 200);
     agent.wait_for_log("link up", SOON);
 
@@ -145,9 +224,11 @@ fn an_outage_is_down_within_seconds_and_a_refused_connect_is_a_reset() {
     // The broker goes away: reconnects are refused (RST), each a reset.
     broker.stop();
     agent.wait_for_logs("a refused connection counted", SOON, |lines| {
-        lines
-            .iter()
-            .any(|l| l.contains("link quality") && field(l, "resets").is_some_and(|r| r != "0"))
+        lines.iter().any(|l| {
+            l.contains("link quality")
+                && field(l, "source").as_deref() == Some(probe)
+                && field(l, "resets").is_some_and(|r| r != "0")
+        })
     });
     stop.store(true, Ordering::Relaxed);
 }

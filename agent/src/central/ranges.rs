@@ -61,7 +61,7 @@ impl RangeSet {
     /// `None` for bytes that are not a valid encoding (wrong length, overlapping or
     /// unsorted ranges).
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() % 16 != 0 {
+        if !bytes.len().is_multiple_of(16) {
             return None;
         }
         let mut ranges = BTreeMap::new();

@@ -14,7 +14,7 @@ pub fn size(n: u64) -> String {
         ("KiB", 1 << 10),
     ];
     for (unit, factor) in UNITS {
-        if n >= factor && n % factor == 0 {
+        if n >= factor && n.is_multiple_of(factor) {
             return format!("{}{unit}", n / factor);
         }
     }

@@ -8,7 +8,7 @@
 //! Invariants: counters are cumulative per connection, so a new connection (or a
 //! counter going backwards) starts a new baseline instead of producing negative deltas;
 //! the loss rate is retransmitted / sent segments over the last `LOSS_WINDOW`
-//! segments (weighted by segments, not by seconds); `up` is false while disconnected,
+//! segments or `LOSS_SAMPLES` readings, whichever is more (weighted by segments); `up` is false while disconnected,
 //! and while data is outstanding without any acknowledgement for longer than
 //! `stall_after(srtt)`.
 
@@ -80,8 +80,10 @@ fn ewma(old: Option<f64>, new: f64) -> f64 {
     old.map_or(new, |o| o + ALPHA * (new - o))
 }
 
-/// Segments the loss rate is measured over.
+/// Segments the loss rate is measured over, at least...
 pub const LOSS_WINDOW: f64 = 2000.0;
+/// ...and readings (seconds) it spans, at least.
+pub const LOSS_SAMPLES: f64 = 10.0;
 
 /// Outstanding data with no ACK for this long means the link is down.
 pub fn stall_after(srtt: Duration) -> Duration {
@@ -150,11 +152,13 @@ impl Estimator {
             let segs = (t.segs_out - prev.segs_out) as f64;
             let retrans = (t.retrans - prev.retrans) as f64;
             if segs > 0.0 {
-                // Loss over the last ~LOSS_WINDOW segments (all of them until there
-                // are that many): a 2 % rate needs thousands of segments to be
-                // measured to within a point, whatever the traffic per second.
+                // Loss over the last LOSS_WINDOW segments or LOSS_SAMPLES readings,
+                // whichever holds more (everything until then): a 2 % rate needs
+                // thousands of segments to be measured to within a point, and a fast
+                // link's last second alone is noisy.
                 self.window_segs += segs;
-                let a = (segs / self.window_segs.min(LOSS_WINDOW)).min(1.0);
+                let span = LOSS_WINDOW.max(LOSS_SAMPLES * segs);
+                let a = (segs / self.window_segs.min(span)).min(1.0);
                 let rate = (retrans / segs).min(1.0);
                 self.loss = Some(self.loss.map_or(rate, |l| l + a * (rate - l)));
             }

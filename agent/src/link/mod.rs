@@ -11,8 +11,9 @@
 //! quality, whatever fails to load; the source in use is logged once, with the reason
 //! when it is not the one asked for.
 
+pub mod ebpf;
 pub mod estimate;
-pub mod tcp_info;
+pub mod sys;
 
 use std::time::{Duration, Instant};
 
@@ -76,13 +77,21 @@ impl LinkFeed {
 #[derive(Debug)]
 pub struct Monitor {
     cfg: LinkConfig,
+    /// The upstream broker: what the eBPF probe watches connections to.
+    upstream: (String, u16),
     rx: mpsc::Receiver<LinkEvent>,
     tx: watch::Sender<LinkQuality>,
     estimator: estimate::Estimator,
+    probe: Option<ebpf::Probe>,
 }
 
 impl Monitor {
-    pub fn new(cfg: LinkConfig) -> (Self, LinkFeed, watch::Receiver<LinkQuality>) {
+    /// A monitor of the link to the broker at `host`:`port`.
+    pub fn new(
+        cfg: LinkConfig,
+        host: &str,
+        port: u16,
+    ) -> (Self, LinkFeed, watch::Receiver<LinkQuality>) {
         let (tx, rx) = mpsc::channel(64);
         let estimator = estimate::Estimator::new();
         let (qtx, qrx) = watch::channel(estimator.quality());
@@ -93,27 +102,30 @@ impl Monitor {
         (
             Self {
                 cfg,
+                upstream: (host.to_owned(), port),
                 rx,
                 tx: qtx,
                 estimator,
+                probe: None,
             },
             feed,
             qrx,
         )
     }
 
-    pub async fn run(mut self, cancel: CancellationToken) {
+    /// Load the probe the config asks for. Call before the uplink connects: the eBPF
+    /// probe sees connections from their start only.
+    pub async fn start(&mut self) {
         match self.cfg.probe {
             ProbeSetting::Off => {
                 tracing::info!("link monitor: transport probe off; PUBACK round trips only")
             }
             ProbeSetting::TcpInfo => tracing::info!(source = "tcp-info", "link monitor started"),
-            ProbeSetting::Auto | ProbeSetting::Ebpf => tracing::info!(
-                source = "tcp-info",
-                reason = "this build has no eBPF probe yet",
-                "link monitor started"
-            ),
+            ProbeSetting::Auto | ProbeSetting::Ebpf => self.start_probe().await,
         }
+    }
+
+    pub async fn run(mut self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut was_up = false;
@@ -125,6 +137,7 @@ impl Monitor {
                     None => break,
                 },
                 _ = tick.tick() => {
+                    self.read_probe();
                     self.estimator.tick(Instant::now());
                     let q = self.estimator.quality();
                     if q.up != was_up {
@@ -153,13 +166,86 @@ impl Monitor {
         }
     }
 
+    /// Load the eBPF probe, or say once why not and carry on with TCP_INFO.
+    async fn start_probe(&mut self) {
+        let target = self.target().await;
+        match ebpf::Probe::load(target) {
+            Ok(p) => {
+                tracing::info!(
+                    source = "ebpf",
+                    broker = %format_args!("{}:{}", self.upstream.0, self.upstream.1),
+                    "link monitor started"
+                );
+                if !p.missing.is_empty() {
+                    tracing::warn!(missing = ?p.missing, "eBPF probe: some tracepoints could not be attached; resets are then counted from the uplink's own connect errors");
+                }
+                self.probe = Some(p);
+            }
+            Err(e) => {
+                let why = "needs CAP_BPF and CAP_NET_ADMIN (or root) and kernel BTF";
+                if self.cfg.probe == ProbeSetting::Ebpf {
+                    tracing::warn!(source = "tcp-info", reason = %e, "link monitor: the eBPF probe cannot be used ({why}); using TCP_INFO");
+                } else {
+                    tracing::info!(source = "tcp-info", reason = %e, "link monitor: the eBPF probe cannot be used ({why}); using TCP_INFO");
+                }
+            }
+        }
+    }
+
+    /// What the probe watches: TCP connections to the broker's address and port from
+    /// this network namespace.
+    async fn target(&self) -> edgerelay_probe_common::Target {
+        let (host, port) = (&self.upstream.0, self.upstream.1);
+        let remote_ip4 = match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(mut addrs) => addrs
+                .find_map(|a| match a.ip() {
+                    std::net::IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+                    std::net::IpAddr::V6(_) => None,
+                })
+                .unwrap_or(0),
+            Err(_) => 0,
+        };
+        let netns_cookie = std::net::UdpSocket::bind(("0.0.0.0", 0))
+            .and_then(|s| sys::netns_cookie(&s))
+            .unwrap_or(0);
+        edgerelay_probe_common::Target {
+            netns_cookie,
+            remote_ip4,
+            remote_port: u32::from(port),
+        }
+    }
+
+    fn read_probe(&mut self) {
+        let Some(p) = self.probe.as_mut() else {
+            return;
+        };
+        match p.read(sys::monotonic_ns()) {
+            Ok((sample, resets)) => {
+                if let Some(t) = sample {
+                    self.estimator.transport(t);
+                }
+                self.estimator.add_resets(resets);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF probe unreadable; using TCP_INFO from now on");
+                self.probe = None;
+            }
+        }
+    }
+
     fn apply(&mut self, ev: LinkEvent) {
+        // With the probe counting resets itself, the uplink's view would count twice.
+        let probe_counts_resets = self.probe.as_ref().is_some_and(|p| p.counts_resets);
         match ev {
             LinkEvent::Connected => self.estimator.connected(),
-            LinkEvent::Disconnected { reset } => self.estimator.disconnected(reset),
-            LinkEvent::ConnectFailed { refused } => self.estimator.disconnected(refused),
+            LinkEvent::Disconnected { reset } => {
+                self.estimator.disconnected(reset && !probe_counts_resets)
+            }
+            LinkEvent::ConnectFailed { refused } => {
+                self.estimator.disconnected(refused && !probe_counts_resets)
+            }
             LinkEvent::Transport(t) => {
-                if self.cfg.probe != ProbeSetting::Off {
+                if self.cfg.probe != ProbeSetting::Off && self.probe.is_none() {
                     self.estimator.transport(t);
                 }
             }

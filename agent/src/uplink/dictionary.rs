@@ -393,7 +393,7 @@ impl DictState {
             return false;
         }
         self.batches += 1;
-        (self.batches - 1) % u64::from(self.policy.probe_every.max(1)) == 0
+        (self.batches - 1).is_multiple_of(u64::from(self.policy.probe_every.max(1)))
     }
 
     /// A probe: a batch body compressed with dictionary `dictionary` to `with` bytes,

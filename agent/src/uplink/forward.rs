@@ -523,7 +523,7 @@ impl Forwarder {
     /// Once a second: TCP_INFO of the upstream socket and the PUBACKs since last time.
     fn report_link(&self, s: &Session, connection: u64, pubacks: &mut PubackTally) {
         if self.link.wants_tcp_info() {
-            match crate::link::tcp_info::read(s.writer.as_ref(), connection) {
+            match crate::link::sys::read(s.writer.as_ref(), connection) {
                 Ok(t) => self.link.send(LinkEvent::Transport(t)),
                 Err(e) => tracing::debug!(error = %e, "TCP_INFO of the upstream socket"),
             }

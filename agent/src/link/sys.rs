@@ -1,12 +1,12 @@
-//! The TCP_INFO source: the kernel's own view of the upstream connection, read with one
-//! getsockopt. Works everywhere, needs no privilege; the fallback when the eBPF probe
-//! cannot load.
+//! The three system calls the link monitor needs that std does not offer: TCP_INFO of a
+//! socket, its network namespace's cookie, and the monotonic clock the eBPF probe's
+//! timestamps use.
 //!
-//! The agent's only unsafe code is here: std has no TCP_INFO, and the crates that wrap
-//! it generate bindings at build time (libclang), which ARM cross builds cannot afford.
-//! The struct below is the kernel's `struct tcp_info` up to `tcpi_delivery_rate`; its
-//! layout is the same on every architecture (u64 fields fall on 8-byte offsets). An older
-//! kernel fills less of it: fields it did not write stay zero.
+//! The agent's only unsafe code is here: the crates that wrap TCP_INFO generate bindings
+//! at build time (libclang), which ARM cross builds cannot afford. The struct below is
+//! the kernel's `struct tcp_info` up to `tcpi_delivery_rate`; its layout is the same on
+//! every architecture (u64 fields fall on 8-byte offsets). An older kernel fills less of
+//! it: fields it did not write stay zero.
 
 #![allow(unsafe_code)]
 
@@ -14,6 +14,9 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 use super::estimate::{Source, Transport};
+
+/// Not in every libc release (Linux 5.14+).
+const SO_NETNS_COOKIE: libc::c_int = 71;
 
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -99,6 +102,37 @@ pub fn read(socket: &impl AsFd, connection: u64) -> std::io::Result<Transport> {
     })
 }
 
+/// The cookie of the network namespace `socket` lives in (the agent's own).
+pub fn netns_cookie(socket: &impl AsFd) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is writable for `len` bytes; the fd is borrowed for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns().
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
@@ -116,6 +150,9 @@ mod tests {
             c.read_exact(&mut b).expect("read echo");
         }
         let t = super::read(&c, 7).expect("TCP_INFO");
+        assert!(super::netns_cookie(&c).expect("netns cookie") > 0);
+        let a = super::monotonic_ns();
+        assert!(super::monotonic_ns() >= a);
         assert_eq!(t.connection, 7);
         assert!(t.segs_out >= 10, "{t:?}");
         assert!(
