@@ -24,11 +24,12 @@ done
 command -v bpf-linker >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/bpf-linker" ] || {
   echo "build-ebpf: bpf-linker is missing (scripts/ebpf-toolchain.sh installs it)" >&2; exit 1; }
 
-# Hash of everything the object is built from, in a stable order.
+# Hash of everything the object is built from (this script's flags included), in a
+# stable order.
 sources_hash() {
   (cd ebpf && find probe probe-common -type f \( -name '*.rs' -o -name Cargo.toml \) | LC_ALL=C sort \
     | while read -r f; do echo "== $f"; cat "$f"; done
-   for f in Cargo.toml Cargo.lock .cargo/config.toml; do echo "== $f"; cat "$f"; done) \
+   for f in Cargo.toml Cargo.lock .cargo/config.toml ../scripts/build-ebpf.sh; do echo "== $f"; cat "$f"; done) \
     | sha256sum | cut -d' ' -f1
 }
 
@@ -37,8 +38,13 @@ $check && out_dir=target/ebpf-check && mkdir -p "$out_dir"
 
 # aya-ebpf uses a nightly feature gate; RUSTC_BOOTSTRAP scoped to that crate allows it
 # on Debian's stable rustc-web.
+# The object's BTF line info names source files: map the checkout and the cargo home to
+# fixed paths, so the same sources give the same bytes wherever they are built.
+registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
+rustflags="--remap-path-prefix=$PWD/ebpf=/edgerelay/ebpf --remap-path-prefix=$registry=/cargo/registry"
 (cd ebpf && PATH="/usr/bin:$HOME/.cargo/bin:$PATH" RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
   RUSTC_BOOTSTRAP=aya_ebpf CARGO_TARGET_DIR=../target/ebpf \
+  CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS="$rustflags" \
   /usr/bin/cargo build --release --locked -p edgerelay-probe)
 /usr/lib/llvm-22/bin/llvm-strip --strip-debug \
   -o "$out_dir/probe.bpf.o" target/ebpf/bpfel-unknown-none/release/edgerelay-probe
