@@ -9,6 +9,7 @@
 
 pub mod central;
 pub mod config;
+pub mod control;
 pub mod ingest;
 pub mod link;
 pub mod record;

@@ -1,0 +1,334 @@
+//! The rate controller: decides, once a second, how fast the uplink sends, how much it
+//! keeps in flight, how big and how compressed its batches are, and whether the link
+//! keeps up with the data — from the measured link and the backlog. Pure: no I/O, no
+//! clock (time is the tick).
+//!
+//! BBR-like: the bottleneck bandwidth is the maximum delivery rate of the last
+//! `BW_WINDOW` ticks, the base RTT the minimum smoothed RTT of the last `RTT_WINDOW`
+//! ticks. The send rate is a gain × the bandwidth: a short probe above it (to find
+//! more), a drain below it (to empty the queue the probe made), 1 otherwise. RTT above
+//! the base by more than `INFLATION` means a standing queue — the gain is held below 1
+//! until it is gone: the controller never keeps the bottleneck's buffer full, so data
+//! sent later (high priority) is not stuck behind seconds of queue.
+//!
+//! Invariants: the rate never exceeds `max_rate`; a link that is down pauses sending
+//! (ingest goes on into the buffer); after an outage the rate restarts from the last
+//! bandwidth estimate halved and grows again (no flood); with `adapt = false` the plan
+//! is the configured fixed one.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::link::LinkQuality;
+
+/// Ticks (seconds) the bandwidth maximum is taken over.
+const BW_WINDOW: usize = 8;
+/// Ticks the base-RTT minimum is taken over.
+const RTT_WINDOW: usize = 30;
+/// A smoothed RTT this much above the base (relative, plus a fixed allowance) is a
+/// standing queue.
+const INFLATION: f64 = 0.25;
+const INFLATION_FIXED: Duration = Duration::from_millis(20);
+/// Gains of the probe-bandwidth cycle, one per tick.
+const CYCLE: [f64; 6] = [1.25, 0.8, 1.0, 1.0, 1.0, 1.0];
+/// Growth per tick while the bandwidth is unknown (startup).
+const STARTUP_GAIN: f64 = 2.0;
+/// Slowest rate ever planned, bytes/s (a paused link is `paused`, not rate 0).
+const MIN_RATE: u64 = 2_000;
+/// Smallest in-flight window, bytes.
+const MIN_WINDOW: u64 = 16 << 10;
+
+/// How the controller is set up (from `[rate]`, `[upstream]`, `[compression]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlSettings {
+    pub adapt: bool,
+    /// Hard cap, bytes/s on the wire.
+    pub max_rate: Option<u64>,
+    /// The configured batch size: the largest batch the controller plans.
+    pub batch_size: usize,
+    pub linger: Duration,
+    /// zstd level; `auto_level`: the controller picks it.
+    pub level: i32,
+    pub auto_level: bool,
+    /// Rate before anything is measured, bytes/s.
+    pub initial_rate: u64,
+}
+
+/// What the controller sees each tick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Inputs {
+    pub link: LinkQuality,
+    /// Bytes waiting in the buffer (stored size).
+    pub backlog_bytes: u64,
+    /// Stored bytes arriving per second.
+    pub ingest_rate: f64,
+    /// Wire bytes per stored byte of recent batches (compression), 0..1.
+    pub wire_ratio: f64,
+    /// Wire bytes per record of recent batches.
+    pub wire_per_record: f64,
+    /// CPU the agent used over the last tick, in cores.
+    pub cpu: f64,
+}
+
+/// What the uplink does until the next tick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plan {
+    /// Send nothing new (the link is down).
+    pub paused: bool,
+    /// Wire bytes per second.
+    pub rate: u64,
+    /// Wire bytes allowed in flight (published, not yet acknowledged).
+    pub window: u64,
+    pub batch_size: usize,
+    pub linger: Duration,
+    pub level: i32,
+    /// The link cannot keep up with what arrives: degradable priorities are degraded.
+    pub degraded: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Startup,
+    Probe,
+}
+
+#[derive(Debug)]
+pub struct Controller {
+    s: ControlSettings,
+    bw: VecDeque<f64>,
+    rtt: VecDeque<Duration>,
+    phase: Phase,
+    cycle: usize,
+    rate: f64,
+    startup_stalls: u32,
+    last_bw: f64,
+    was_up: bool,
+    degraded: bool,
+    level: i32,
+    /// Consecutive ticks with an inflated RTT.
+    inflated_ticks: u32,
+    /// The bandwidth estimate when the last probe started.
+    probe_base: f64,
+}
+
+fn max_of(v: &VecDeque<f64>) -> f64 {
+    v.iter().copied().fold(0.0, f64::max)
+}
+
+impl Controller {
+    pub fn new(s: ControlSettings) -> Self {
+        let rate = (s.initial_rate as f64).min(s.max_rate.map_or(f64::MAX, |m| m as f64));
+        let level = s.level;
+        Self {
+            s,
+            bw: VecDeque::new(),
+            rtt: VecDeque::new(),
+            phase: Phase::Startup,
+            cycle: 0,
+            rate,
+            startup_stalls: 0,
+            last_bw: 0.0,
+            was_up: false,
+            degraded: false,
+            level,
+            inflated_ticks: 0,
+            probe_base: 0.0,
+        }
+    }
+
+    fn cap(&self) -> f64 {
+        self.s.max_rate.map_or(f64::MAX, |m| m as f64)
+    }
+
+    /// The plan when nothing adapts: configured batches, the cap as the rate.
+    fn fixed(&self) -> Plan {
+        Plan {
+            paused: false,
+            rate: self.s.max_rate.unwrap_or(u64::MAX),
+            window: u64::MAX,
+            batch_size: self.s.batch_size,
+            linger: self.s.linger,
+            level: self.s.level,
+            degraded: false,
+        }
+    }
+
+    /// Base RTT: the minimum of the window (zero until measured).
+    pub fn base_rtt(&self) -> Duration {
+        self.rtt.iter().copied().min().unwrap_or(Duration::ZERO)
+    }
+
+    /// Bottleneck bandwidth estimate, bytes/s (zero until measured).
+    pub fn bandwidth(&self) -> f64 {
+        max_of(&self.bw)
+    }
+
+    pub fn tick(&mut self, i: &Inputs) -> Plan {
+        if !self.s.adapt {
+            return self.fixed();
+        }
+        let up = i.link.up;
+        if !up {
+            self.was_up = false;
+            return Plan {
+                paused: true,
+                ..self.plan(i)
+            };
+        }
+        if !self.was_up {
+            // (Re)connected: restart below what the link did before, then grow from
+            // the next tick on.
+            self.was_up = true;
+            let known = self.bandwidth();
+            if known > 0.0 {
+                self.rate = (known / 2.0)
+                    .max(self.s.initial_rate as f64)
+                    .min(self.cap());
+                self.phase = Phase::Startup;
+                self.startup_stalls = 0;
+                self.last_bw = 0.0;
+                self.bw.clear();
+                return self.plan(i);
+            }
+        }
+        let sample = (i.link.delivery_rate as f64).max(i.link.goodput as f64);
+        if sample > 0.0 {
+            self.bw.push_back(sample);
+            while self.bw.len() > BW_WINDOW {
+                self.bw.pop_front();
+            }
+        }
+        if !i.link.srtt.is_zero() {
+            self.rtt.push_back(i.link.srtt);
+            while self.rtt.len() > RTT_WINDOW {
+                self.rtt.pop_front();
+            }
+        }
+        let base = self.base_rtt();
+        let inflated = !base.is_zero()
+            && i.link.srtt.as_secs_f64()
+                > base.as_secs_f64() * (1.0 + INFLATION) + INFLATION_FIXED.as_secs_f64();
+        self.inflated_ticks = if inflated { self.inflated_ticks + 1 } else { 0 };
+        if self.inflated_ticks >= 2 && sample > 0.0 {
+            // A queue that persists means the bottleneck got slower: while it exists
+            // the delivery rate *is* the bottleneck rate; forget the older maxima.
+            self.bw.clear();
+            self.bw.push_back(sample);
+        }
+        let bw = self.bandwidth();
+        // Only a link with data waiting tells its bandwidth: an idle one is app-limited.
+        let link_limited = i.backlog_bytes as f64 * i.wire_ratio.clamp(0.0, 1.0) > self.rate;
+        match self.phase {
+            Phase::Startup => {
+                if bw > self.last_bw * 1.25 || !link_limited {
+                    self.startup_stalls = 0;
+                } else {
+                    self.startup_stalls += 1;
+                }
+                self.last_bw = self.last_bw.max(bw);
+                if inflated || self.startup_stalls >= 2 {
+                    self.phase = Phase::Probe;
+                    self.cycle = 1; // start by draining what startup queued
+                    self.rate = bw.max(MIN_RATE as f64);
+                } else if link_limited {
+                    self.rate = (self.rate * STARTUP_GAIN).max(bw * STARTUP_GAIN);
+                }
+            }
+            Phase::Probe => {
+                // The last probe was delivered in full without a queue: the link has
+                // room to spare; find it quickly again.
+                let probed = self.cycle % CYCLE.len() == 1;
+                if probed && !inflated && link_limited && sample >= self.probe_base * 1.2 {
+                    self.phase = Phase::Startup;
+                    self.startup_stalls = 0;
+                    self.last_bw = sample;
+                    self.rate = sample * STARTUP_GAIN;
+                } else {
+                    let mut gain = CYCLE[self.cycle % CYCLE.len()];
+                    if gain > 1.0 {
+                        self.probe_base = bw;
+                    }
+                    self.cycle += 1;
+                    if inflated {
+                        gain = gain.min(0.75);
+                    }
+                    if bw > 0.0 {
+                        self.rate = bw * gain;
+                    }
+                }
+            }
+        }
+        self.rate = self.rate.max(MIN_RATE as f64).min(self.cap());
+        self.update_degraded(i);
+        self.update_level(i, link_limited);
+        self.plan(i)
+    }
+
+    /// Sustained: what arrives (as wire bytes) exceeds 90 % of what the link carries
+    /// and the backlog grows; cleared below 70 %.
+    fn update_degraded(&mut self, i: &Inputs) {
+        let arriving = i.ingest_rate * i.wire_ratio.clamp(0.0, 1.0);
+        let capacity = self.bandwidth().min(self.cap());
+        if capacity <= 0.0 {
+            return;
+        }
+        if arriving > capacity * 0.9 {
+            self.degraded = true;
+        } else if arriving < capacity * 0.7 {
+            self.degraded = false;
+        }
+    }
+
+    /// Higher when the link is the bottleneck and the CPU is idle, lower when CPU-bound.
+    fn update_level(&mut self, i: &Inputs, link_limited: bool) {
+        if !self.s.auto_level {
+            self.level = self.s.level;
+            return;
+        }
+        let slow = self.rate < 64_000.0;
+        self.level = if i.cpu > 0.8 {
+            1
+        } else if link_limited && i.cpu < 0.5 {
+            if slow {
+                9
+            } else {
+                6
+            }
+        } else {
+            3
+        };
+    }
+
+    fn plan(&self, i: &Inputs) -> Plan {
+        let base = self.base_rtt().max(Duration::from_millis(10));
+        let bw = self.bandwidth().max(self.rate);
+        let window = ((2.0 * bw * base.as_secs_f64()) as u64).max(MIN_WINDOW);
+        // A batch carries about one RTT (at least 200 ms, at most 2 s) of link time:
+        // big batches on slow links compress better and cost little latency there.
+        let batch_time = i
+            .link
+            .srtt
+            .clamp(Duration::from_millis(200), Duration::from_secs(2));
+        let per_record = if i.wire_per_record > 0.0 {
+            i.wire_per_record
+        } else {
+            30.0
+        };
+        let records = (self.rate * batch_time.as_secs_f64() / per_record) as usize;
+        Plan {
+            paused: false,
+            rate: self.rate.min(self.cap()) as u64,
+            window,
+            batch_size: records.clamp(10, self.s.batch_size.max(10)),
+            linger: (batch_time / 2).clamp(
+                Duration::from_millis(50),
+                self.s.linger.max(Duration::from_millis(50)),
+            ),
+            level: self.level,
+            degraded: self.degraded,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

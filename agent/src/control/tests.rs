@@ -1,0 +1,247 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::link::Source;
+
+fn settings() -> ControlSettings {
+    ControlSettings {
+        adapt: true,
+        max_rate: None,
+        batch_size: 1000,
+        linger: Duration::from_secs(1),
+        level: 3,
+        auto_level: true,
+        initial_rate: 16_000,
+    }
+}
+
+/// A bottleneck of `bw` bytes/s behind a buffer, with a base RTT: what the controller's
+/// plan makes of it, one second at a time.
+#[derive(Debug, Clone)]
+struct SimLink {
+    bw: f64,
+    base: Duration,
+    queue: f64,
+    buffer: f64,
+    up: bool,
+}
+
+impl SimLink {
+    fn new(bw: f64, base_ms: u64) -> Self {
+        Self {
+            bw,
+            base: Duration::from_millis(base_ms),
+            queue: 0.0,
+            // Like the link lab's default: 250 ms at the rate, at least 64 KiB (bytes:
+            // it does not shrink when the rate steps down).
+            buffer: (bw * 0.25).max(65_536.0),
+            up: true,
+        }
+    }
+
+    fn queue_delay(&self) -> Duration {
+        Duration::from_secs_f64(self.queue / self.bw)
+    }
+
+    /// One second with `plan` and always data waiting; the link quality seen after it.
+    fn step(&mut self, plan: &Plan) -> LinkQuality {
+        let offered = if plan.paused || !self.up {
+            0.0
+        } else {
+            plan.rate as f64
+        };
+        let total = self.queue + offered;
+        let delivered = total.min(self.bw);
+        self.queue = (total - delivered).min(self.buffer);
+        LinkQuality {
+            source: Source::TcpInfo,
+            up: self.up,
+            srtt: self.base + self.queue_delay(),
+            rttvar: Duration::ZERO,
+            loss: 0.0,
+            resets: 0,
+            delivery_rate: delivered as u64,
+            goodput: delivered as u64,
+            app_rtt: self.base,
+        }
+    }
+}
+
+fn inputs(link: LinkQuality) -> Inputs {
+    Inputs {
+        link,
+        backlog_bytes: 100 << 20,
+        ingest_rate: 0.0,
+        wire_ratio: 0.1,
+        wire_per_record: 20.0,
+        cpu: 0.1,
+    }
+}
+
+/// Run `ticks` seconds; returns the plans.
+fn run(c: &mut Controller, link: &mut SimLink, ticks: usize) -> Vec<(Plan, Duration)> {
+    let mut q = link.step(&Plan {
+        paused: true,
+        rate: 0,
+        window: 0,
+        batch_size: 10,
+        linger: Duration::ZERO,
+        level: 3,
+        degraded: false,
+    });
+    let mut out = Vec::new();
+    for _ in 0..ticks {
+        let plan = c.tick(&inputs(q));
+        q = link.step(&plan);
+        out.push((plan, link.queue_delay()));
+    }
+    out
+}
+
+fn mean_rate(plans: &[(Plan, Duration)]) -> f64 {
+    plans.iter().map(|(p, _)| p.rate as f64).sum::<f64>() / plans.len() as f64
+}
+
+#[test]
+fn converges_to_the_bottleneck_without_keeping_its_queue_full() {
+    // 1 Mbit/s, 150 ms one way.
+    let mut link = SimLink::new(125_000.0, 300);
+    let mut c = Controller::new(settings());
+    let warmup = run(&mut c, &mut link, 15);
+    let steady = run(&mut c, &mut link, 30);
+    let mean = mean_rate(&steady);
+    assert!(
+        (mean / 125_000.0 - 1.0).abs() < 0.15,
+        "mean rate {mean} after 15 s; warm-up {:?}",
+        warmup.iter().map(|(p, _)| p.rate).collect::<Vec<_>>()
+    );
+    // Bounded oscillation: the probe/drain cycle stays within ±30 % of the bottleneck.
+    for (p, _) in &steady {
+        let r = p.rate as f64 / 125_000.0;
+        assert!(
+            (0.7..=1.3).contains(&r),
+            "rate {} oscillates too far",
+            p.rate
+        );
+    }
+    let worst = steady.iter().map(|(_, q)| *q).max().expect("ticks");
+    assert!(worst <= Duration::from_millis(400), "queue up to {worst:?}");
+    let mean_queue = steady.iter().map(|(_, q)| q.as_secs_f64()).sum::<f64>() / steady.len() as f64;
+    assert!(mean_queue < 0.15, "mean standing queue {mean_queue} s");
+}
+
+#[test]
+fn adapts_to_rate_steps_within_ten_seconds_each_way() {
+    let mut link = SimLink::new(250_000.0, 100); // 2 Mbit/s
+    let mut c = Controller::new(settings());
+    run(&mut c, &mut link, 20);
+    link.bw = 32_000.0; // 256 kbit/s
+    let down = run(&mut c, &mut link, 10);
+    let after = run(&mut c, &mut link, 10);
+    assert!(
+        (mean_rate(&after) / 32_000.0 - 1.0).abs() < 0.2,
+        "after the step down: {:?}",
+        down.iter().map(|(p, _)| p.rate).collect::<Vec<_>>()
+    );
+    assert!(
+        link.queue_delay() < Duration::from_millis(500),
+        "queue drained"
+    );
+    link.bw = 250_000.0;
+    let up = run(&mut c, &mut link, 10);
+    let after = run(&mut c, &mut link, 10);
+    assert!(
+        (mean_rate(&after) / 250_000.0 - 1.0).abs() < 0.2,
+        "after the step up: {:?}",
+        up.iter().map(|(p, _)| p.rate).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn an_outage_pauses_and_recovery_ramps_from_half() {
+    let mut link = SimLink::new(125_000.0, 100);
+    let mut c = Controller::new(settings());
+    run(&mut c, &mut link, 20);
+    let bw = c.bandwidth();
+    link.up = false;
+    let during = run(&mut c, &mut link, 5);
+    assert!(during.iter().all(|(p, _)| p.paused));
+    link.up = true;
+    link.queue = 0.0;
+    let after = run(&mut c, &mut link, 1);
+    assert!(!after[0].0.paused);
+    assert!(
+        (after[0].0.rate as f64) <= bw * 0.6,
+        "restarts at about half of {bw}: {}",
+        after[0].0.rate
+    );
+    let later = run(&mut c, &mut link, 15);
+    assert!((mean_rate(&later[5..]) / 125_000.0 - 1.0).abs() < 0.2);
+}
+
+#[test]
+fn degraded_while_arrivals_exceed_the_link_and_level_follows_cpu() {
+    let mut link = SimLink::new(12_500.0, 100); // 100 kbit/s
+    let mut c = Controller::new(settings());
+    run(&mut c, &mut link, 20);
+    let q = link.step(&Plan {
+        paused: false,
+        rate: 12_500,
+        window: 0,
+        batch_size: 10,
+        linger: Duration::ZERO,
+        level: 3,
+        degraded: false,
+    });
+    let mut i = inputs(q);
+    i.ingest_rate = 200_000.0; // × 0.1 wire ratio = 20 kB/s > 12.5 kB/s
+    let p = c.tick(&i);
+    assert!(p.degraded);
+    assert_eq!(p.level, 9, "slow link, idle CPU: compress harder");
+    i.ingest_rate = 50_000.0; // 5 kB/s on the wire
+    let p = c.tick(&i);
+    assert!(!p.degraded);
+    i.cpu = 0.95;
+    assert_eq!(c.tick(&i).level, 1, "CPU-bound: compress less");
+}
+
+#[test]
+fn fixed_behaviour_without_adapt() {
+    let mut s = settings();
+    s.adapt = false;
+    s.max_rate = Some(50_000);
+    let mut c = Controller::new(s);
+    let mut link = SimLink::new(12_500.0, 100);
+    for (p, _) in run(&mut c, &mut link, 5) {
+        assert_eq!(p.rate, 50_000);
+        assert_eq!(p.batch_size, 1000);
+        assert_eq!(p.level, 3);
+        assert!(!p.paused && !p.degraded);
+    }
+}
+
+proptest! {
+    /// Whatever the link does, the plan never exceeds max_rate, and its batch size,
+    /// linger and window stay within their bounds.
+    #[test]
+    fn never_exceeds_max_rate(
+        steps in prop::collection::vec((1_000f64..2_000_000.0, 1u64..800, any::<bool>()), 1..60),
+        cap in 5_000u64..500_000,
+    ) {
+        let mut s = settings();
+        s.max_rate = Some(cap);
+        let mut c = Controller::new(s);
+        let mut link = SimLink::new(steps[0].0, steps[0].1);
+        for (bw, rtt, up) in steps {
+            link.bw = bw;
+            link.base = Duration::from_millis(rtt);
+            link.up = up;
+            for (p, _) in run(&mut c, &mut link, 3) {
+                prop_assert!(p.rate <= cap);
+                prop_assert!((10..=1000).contains(&p.batch_size));
+                prop_assert!(p.window >= MIN_WINDOW);
+                prop_assert!(p.linger >= Duration::from_millis(50) && p.linger <= Duration::from_secs(1));
+            }
+        }
+    }
+}
