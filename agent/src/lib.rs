@@ -98,8 +98,23 @@ pub fn load_dictionary(path: &std::path::Path) -> Result<wire::Dictionary, RunEr
     Ok(wire::Dictionary::new(bytes))
 }
 
+/// The rate controller's settings for a validated config.
+pub fn control_settings(config: &Config) -> control::ControlSettings {
+    control::ControlSettings {
+        adapt: config.rate.adapt,
+        max_rate: config.rate.max_rate_bps.map(|b| b / 8),
+        batch_size: config.upstream.batch_size.get(),
+        linger: config.upstream.batch_linger,
+        level: config.compression.level,
+        auto_level: config.compression.auto_level,
+        // 512 kbit/s until measured; startup doubles it every second the link keeps up.
+        initial_rate: 64_000,
+    }
+}
+
 /// Run the agent until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let control = control_settings(&config);
     let dict_mode = match &config.compression.dictionary {
         DictionarySetting::Off => DictMode::Off,
         DictionarySetting::Auto => DictMode::Auto,
@@ -138,7 +153,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     ingest.close();
 
     let uplink_cancel = CancellationToken::new();
-    let (mut monitor, link_feed, _link_quality) = link::Monitor::new(
+    let (mut monitor, link_feed, link_quality) = link::Monitor::new(
         config.link.clone(),
         &config.upstream.host,
         config.upstream.port,
@@ -170,17 +185,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             },
         )?),
     };
-    let uplink = tokio::spawn(
-        uplink::Forwarder::new(
-            config.upstream,
-            config.agent.gateway_id.clone(),
-            store.clone(),
-            stream,
-            packer,
-        )
-        .with_link_feed(link_feed)
-        .run(uplink_cancel.clone()),
-    );
+    let mut forwarder = uplink::Forwarder::new(
+        config.upstream.clone(),
+        config.agent.gateway_id.clone(),
+        store.clone(),
+        stream,
+        packer,
+    )
+    .with_link_feed(link_feed);
+    if config.upstream.mode == UpstreamMode::Batch {
+        // Passthrough stays the plain one-publish-per-message baseline.
+        forwarder = forwarder.with_control(control, link_quality);
+    }
+    let uplink = tokio::spawn(forwarder.run(uplink_cancel.clone()));
 
     tracing::info!(gateway_id = %config.agent.gateway_id, epoch = store.epoch(), "edgerelay ready");
     // The writer thread owns the sender of `committed`: if it ever dies, nothing can be

@@ -451,8 +451,14 @@ pub struct Subscriber {
 impl Subscriber {
     /// Connect and subscribe to `filter` at QoS 1; returns once the SUBACK arrived.
     pub fn start(broker_port: u16, filter: &str) -> Self {
+        Self::start_at("127.0.0.1", broker_port, filter)
+    }
+
+    /// Subscribe on the broker at `host`:`port` (e.g. from inside a link lab's central
+    /// namespace: the subscriber's thread stays in the namespace it was started in).
+    pub fn start_at(host: &str, broker_port: u16, filter: &str) -> Self {
         let id = format!("test-sub-{}", rand::random::<u32>());
-        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", broker_port);
+        let mut opts = rumqttc::MqttOptions::new(id, host, broker_port);
         opts.set_clean_session(false);
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(16 << 20, 16 << 20);

@@ -25,11 +25,21 @@ pub struct Config {
     pub agent: AgentConfig,
     pub compression: CompressionConfig,
     pub link: LinkConfig,
+    pub rate: RateConfig,
     pub buffer: BufferConfig,
     pub sockets: Vec<SocketConfig>,
     pub local_mqtt: Option<LocalMqttConfig>,
     pub local_broker: Option<LocalBrokerConfig>,
     pub upstream: UpstreamConfig,
+}
+
+/// How fast the uplink may send (`[rate]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateConfig {
+    /// Adapt rate, window, batches and level to the measured link.
+    pub adapt: bool,
+    /// Hard cap in bit/s (metered links), whatever the link could do.
+    pub max_rate_bps: Option<u64>,
 }
 
 /// How the link to the central broker is measured (`[link]`).

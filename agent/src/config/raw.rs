@@ -110,3 +110,10 @@ pub struct RawCompression {
 pub struct RawLink {
     pub probe: Field<String>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub adapt: Field<bool>,
+    pub max_rate: Field<String>,
+}

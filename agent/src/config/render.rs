@@ -161,6 +161,13 @@ pub fn render(c: &Config) -> String {
     link.insert("probe".into(), s(c.link.probe.as_str()));
     root.insert("link".into(), Value::Table(link));
 
+    let mut rate = Table::new();
+    rate.insert("adapt".into(), Value::Boolean(c.rate.adapt));
+    if let Some(b) = c.rate.max_rate_bps {
+        rate.insert("max_rate".into(), s(b.to_string()));
+    }
+    root.insert("rate".into(), Value::Table(rate));
+
     let u = &c.upstream;
     let mut up = Table::new();
     up.insert("url".into(), s(&u.url));

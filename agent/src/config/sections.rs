@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{
-    LevelValue, RawAgent, RawBuffer, RawCompression, RawLink, RawSocket, RawUpstream,
+    LevelValue, RawAgent, RawBuffer, RawCompression, RawLink, RawRate, RawSocket, RawUpstream,
 };
 use super::validate::{resolve, Ctx};
 use super::*;
@@ -402,4 +402,49 @@ pub(super) fn validate_link(ctx: &mut Ctx<'_>, raw: RawLink) -> LinkConfig {
         ProbeSetting::Auto,
     );
     LinkConfig { probe }
+}
+
+/// A rate in bit/s: "256kbit", "1.5mbit", "2gbit", or a number of bit/s.
+pub(super) fn parse_bits(text: &str) -> Option<u64> {
+    let t = text.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let n: f64 = t[..split]
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)?;
+    let mult = match t[split..].trim() {
+        "" | "bit" | "bps" => 1.0,
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        _ => return None,
+    };
+    Some((n * mult).round() as u64).filter(|b| *b >= 8)
+}
+
+pub(super) fn validate_rate(ctx: &mut Ctx<'_>, raw: RawRate) -> RateConfig {
+    let adapt = raw.adapt.as_ref().is_none_or(|a| *a.get_ref());
+    let max_rate_bps = raw
+        .max_rate
+        .as_ref()
+        .and_then(|m| match parse_bits(m.get_ref()) {
+            Some(b) => Some(b),
+            None => {
+                ctx.err(
+                    "rate.max_rate",
+                    Some(m.span()),
+                    format!(
+                        "{:?} is not a rate like \"256kbit\", \"2mbit\" or a number of bit/s",
+                        m.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+    RateConfig {
+        adapt,
+        max_rate_bps,
+    }
 }

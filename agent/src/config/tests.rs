@@ -76,6 +76,39 @@ fn link_probe_settings() {
 }
 
 #[test]
+fn rate_settings() {
+    let c = parse(MINIMAL).expect("valid");
+    assert!(c.rate.adapt);
+    assert_eq!(c.rate.max_rate_bps, None);
+    let with = |body: &str| parse(&format!("{MINIMAL}[rate]\n{body}\n"));
+    let c = with("adapt = false\nmax_rate = \"1.5mbit\"").expect("valid");
+    assert!(!c.rate.adapt);
+    assert_eq!(c.rate.max_rate_bps, Some(1_500_000));
+    assert!(c.render().contains("max_rate = \"1500000\""));
+    assert_eq!(
+        with("max_rate = \"256kbit\"")
+            .expect("valid")
+            .rate
+            .max_rate_bps,
+        Some(256_000)
+    );
+    assert_eq!(
+        with("max_rate = \"64000\"")
+            .expect("valid")
+            .rate
+            .max_rate_bps,
+        Some(64_000)
+    );
+    for bad in ["\"fast\"", "\"0mbit\"", "\"-1\"", "\"3 parsecs\""] {
+        let problems = with(&format!("max_rate = {bad}")).expect_err(bad);
+        assert!(
+            problems.iter().any(|p| p.key == "rate.max_rate"),
+            "{bad}: {problems:?}"
+        );
+    }
+}
+
+#[test]
 fn dictionary_settings() {
     let with = |v: &str| parse(&format!("{MINIMAL}[compression]\ndictionary = {v}\n"));
     let d = |v: &str| with(v).expect("valid").compression.dictionary;
@@ -263,7 +296,7 @@ fn local_mqtt_and_local_broker() {
 
 #[test]
 fn unsupported_sections_say_so() {
-    let problems = parse(&format!("{MINIMAL}\n[rate]\nmax_rate = 3\n")).expect_err("invalid");
+    let problems = parse(&format!("{MINIMAL}\n[metrics]\nlisten = 3\n")).expect_err("invalid");
     assert!(
         problems[0].message.contains("not supported"),
         "{problems:?}"

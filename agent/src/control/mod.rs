@@ -68,6 +68,9 @@ pub struct Inputs {
     pub wire_per_record: f64,
     /// CPU the agent used over the last tick, in cores.
     pub cpu: f64,
+    /// Wire bytes the broker acknowledged (PUBACK) over the last tick, per second: the
+    /// delivery rate in the units the rate is planned in (0: none acknowledged).
+    pub acked_rate: f64,
 }
 
 /// What the uplink does until the next tick.
@@ -153,6 +156,22 @@ impl Controller {
         }
     }
 
+    /// The plan before the first tick: the initial rate (or the fixed plan).
+    pub fn initial(&self) -> Plan {
+        if !self.s.adapt {
+            return self.fixed();
+        }
+        Plan {
+            paused: false,
+            rate: self.rate.min(self.cap()) as u64,
+            window: u64::MAX,
+            batch_size: self.s.batch_size,
+            linger: self.s.linger,
+            level: self.level,
+            degraded: false,
+        }
+    }
+
     /// Base RTT: the minimum of the window (zero until measured).
     pub fn base_rtt(&self) -> Duration {
         self.rtt.iter().copied().min().unwrap_or(Duration::ZERO)
@@ -191,7 +210,16 @@ impl Controller {
                 return self.plan(i);
             }
         }
-        let sample = (i.link.delivery_rate as f64).max(i.link.goodput as f64);
+        // PUBACKed bytes per second are in the plan's units but stall behind a
+        // retransmission; the kernel's delivery rate does not: take the larger.
+        let sample = i
+            .acked_rate
+            .max(i.link.delivery_rate as f64)
+            .max(if i.acked_rate > 0.0 {
+                0.0
+            } else {
+                i.link.goodput as f64
+            });
         if sample > 0.0 {
             self.bw.push_back(sample);
             while self.bw.len() > BW_WINDOW {
@@ -209,11 +237,19 @@ impl Controller {
             && i.link.srtt.as_secs_f64()
                 > base.as_secs_f64() * (1.0 + INFLATION) + INFLATION_FIXED.as_secs_f64();
         self.inflated_ticks = if inflated { self.inflated_ticks + 1 } else { 0 };
-        if self.inflated_ticks >= 2 && sample > 0.0 {
+        if self.inflated_ticks >= 2 {
             // A queue that persists means the bottleneck got slower: while it exists
-            // the delivery rate *is* the bottleneck rate; forget the older maxima.
-            self.bw.clear();
-            self.bw.push_back(sample);
+            // the acknowledged rate *is* the bottleneck rate (the kernel's estimate can
+            // run ahead of it); forget the older maxima.
+            let measured = if i.acked_rate > 0.0 {
+                i.acked_rate
+            } else {
+                sample
+            };
+            if measured > 0.0 {
+                self.bw.clear();
+                self.bw.push_back(measured);
+            }
         }
         let bw = self.bandwidth();
         // Only a link with data waiting tells its bandwidth: an idle one is app-limited.
@@ -238,7 +274,7 @@ impl Controller {
                 // The last probe was delivered in full without a queue: the link has
                 // room to spare; find it quickly again.
                 let probed = self.cycle % CYCLE.len() == 1;
-                if probed && !inflated && link_limited && sample >= self.probe_base * 1.2 {
+                if probed && !inflated && link_limited && sample >= self.probe_base * 1.1 {
                     self.phase = Phase::Startup;
                     self.startup_stalls = 0;
                     self.last_bw = sample;
@@ -302,7 +338,12 @@ impl Controller {
     fn plan(&self, i: &Inputs) -> Plan {
         let base = self.base_rtt().max(Duration::from_millis(10));
         let bw = self.bandwidth().max(self.rate);
-        let window = ((2.0 * bw * base.as_secs_f64()) as u64).max(MIN_WINDOW);
+        // Two bandwidth-delay products of the transport — and enough for the PUBACK
+        // round trip, which loss (in-order delivery waits for retransmissions) and big
+        // batches make longer: the window must never be what limits the rate.
+        let window = ((2.0 * bw * base.as_secs_f64()) as u64)
+            .max((1.5 * self.rate * i.link.app_rtt.as_secs_f64()) as u64)
+            .max(MIN_WINDOW);
         // A batch carries about one RTT (at least 200 ms, at most 2 s) of link time:
         // big batches on slow links compress better and cost little latency there.
         let batch_time = i

@@ -69,6 +69,7 @@ impl SimLink {
 
 fn inputs(link: LinkQuality) -> Inputs {
     Inputs {
+        acked_rate: link.goodput as f64,
         link,
         backlog_bytes: 100 << 20,
         ingest_rate: 0.0,

@@ -75,6 +75,8 @@ pub struct LinkQuality {
 
 /// Weight of a new sample in the EWMAs (per sample or per second).
 const ALPHA: f64 = 0.2;
+/// Weight of a new RTT reading (already smoothed by the kernel).
+const RTT_ALPHA: f64 = 0.5;
 
 fn ewma(old: Option<f64>, new: f64) -> f64 {
     old.map_or(new, |o| o + ALPHA * (new - o))
@@ -136,8 +138,12 @@ impl Estimator {
     pub fn transport(&mut self, t: Transport) {
         self.source = Some(t.source);
         if !t.srtt.is_zero() {
-            self.srtt = Some(ewma(self.srtt, t.srtt.as_secs_f64()));
-            self.rttvar = Some(ewma(self.rttvar, t.rttvar.as_secs_f64()));
+            // The kernel's RTT is already smoothed per ACK: a light touch here, or a
+            // queue that is gone would still look like one for seconds.
+            let ewma_rtt =
+                |old: Option<f64>, new: f64| old.map_or(new, |o| o + RTT_ALPHA * (new - o));
+            self.srtt = Some(ewma_rtt(self.srtt, t.srtt.as_secs_f64()));
+            self.rttvar = Some(ewma_rtt(self.rttvar, t.rttvar.as_secs_f64()));
         }
         if t.delivery_rate > 0 {
             self.delivery_rate = t.delivery_rate;

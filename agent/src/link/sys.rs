@@ -1,6 +1,6 @@
-//! The three system calls the link monitor needs that std does not offer: TCP_INFO of a
-//! socket, its network namespace's cookie, and the monotonic clock the eBPF probe's
-//! timestamps use.
+//! The system calls the link monitor and the uplink need that std does not offer:
+//! TCP_INFO and TCP_NOTSENT_LOWAT of the upstream socket, a socket's network namespace
+//! cookie, and the monotonic clock the eBPF probe's timestamps use.
 //!
 //! The agent's only unsafe code is here: the crates that wrap TCP_INFO generate bindings
 //! at build time (libclang), which ARM cross builds cannot afford. The struct below is
@@ -100,6 +100,27 @@ pub fn read(socket: &impl AsFd, connection: u64) -> std::io::Result<Transport> {
         unacked: info.unacked,
         since_last_ack: Some(Duration::from_millis(u64::from(info.last_ack_recv))),
     })
+}
+
+/// Let the kernel report the socket writable only while less than `bytes` are queued
+/// unsent in it (TCP_NOTSENT_LOWAT), so the uplink's own queue — where priorities are
+/// decided — holds what waits, not the socket.
+pub fn set_notsent_lowat(socket: &impl AsFd, bytes: u32) -> std::io::Result<()> {
+    let value = bytes as libc::c_int;
+    // SAFETY: `value` is a live c_int of the size passed; the fd is borrowed.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The cookie of the network namespace `socket` lives in (the agent's own).

@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 use super::dictionary::{self, DictMode, DictPolicy, DictState, Persisted};
 use super::forward::{upstream_topic, Announcement, MetaWrite, Packer, Seqs, Unit, UplinkError};
+use crate::control::Plan;
 use crate::record::StoredRecord;
 use crate::wire::{Compression, Dictionary, Encoder, Source, WireError};
 
@@ -177,6 +178,10 @@ impl Packer for BatchPacker {
         if self.dicts.probe_next() {
             self.encoder.probe_next();
         }
+        let stored_bytes = records
+            .iter()
+            .map(|r| r.record.payload.len() + r.record.topic.len())
+            .sum();
         let payload = self.encoder.encode(src, &records)?;
         if let Some((with, without)) = self.encoder.last_probe() {
             self.dicts.probed(self.encoder_dict, with, without);
@@ -186,6 +191,7 @@ impl Packer for BatchPacker {
             payload: Bytes::from(payload),
             retain: false,
             seqs: Seqs::Many(records.iter().map(|r| r.seq).collect()),
+            stored_bytes,
         }))
     }
 
@@ -203,6 +209,16 @@ impl Packer for BatchPacker {
 
     fn session_lost(&mut self) {
         self.dicts.session_lost();
+    }
+
+    fn set_plan(&mut self, plan: &Plan) {
+        self.batch_size = plan.batch_size.max(1);
+        self.linger = plan.linger;
+        if plan.level != self.level && (1..=19).contains(&plan.level) {
+            self.level = plan.level;
+            // Rebuilt at the next batch, with the dictionary in use.
+            self.encoder_dict = u64::MAX;
+        }
     }
 }
 

@@ -27,12 +27,15 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
+use super::pace::{Adapter, Pacer};
 use super::session::{Session, SessionError};
 use crate::config::UpstreamConfig;
-use crate::link::{LinkEvent, LinkFeed};
+use crate::control::{ControlSettings, Plan};
+use crate::link::{LinkEvent, LinkFeed, LinkQuality};
 use crate::record::StoredRecord;
 use crate::sleep_until_opt;
 use crate::store::{AppendError, Gap, Store, StoreError, StreamId};
+use tokio::sync::watch;
 
 /// The store is read ahead in chunks of at most this many records and bytes: one read
 /// transaction (and one blocking-pool hop) serves many publishes, and memory held for
@@ -69,6 +72,8 @@ pub struct Unit {
     pub payload: Bytes,
     pub retain: bool,
     pub seqs: Seqs,
+    /// Stored size of the records it carries (for the controller's compression ratio).
+    pub stored_bytes: usize,
 }
 
 /// A retained control publish (QoS 1) a packer needs the broker to acknowledge before it
@@ -110,6 +115,8 @@ pub trait Packer: Send + std::fmt::Debug {
     }
     /// The session ended: announcements not acknowledged must be offered again.
     fn session_lost(&mut self) {}
+    /// The rate controller's plan for batches (size, linger, zstd level).
+    fn set_plan(&mut self, _plan: &Plan) {}
 }
 
 /// One record per publish, unchanged, to `{topic_prefix}/{topic}`.
@@ -131,6 +138,7 @@ impl Packer for PassthroughPacker {
         _flush: bool,
     ) -> Result<Option<Unit>, UplinkError> {
         Ok(queue.pop_front().map(|r| Unit {
+            stored_bytes: r.record.payload.len() + r.record.topic.len(),
             topic: upstream_topic(&self.prefix, &r.record.topic),
             payload: r.record.payload,
             retain: r.record.retain,
@@ -158,6 +166,9 @@ pub struct Forwarder {
     stream: StreamId,
     packer: Box<dyn Packer>,
     link: LinkFeed,
+    /// Link-adaptive pacing (batch mode): the controller's inputs and the link quality.
+    adapt: Option<(Adapter, watch::Receiver<LinkQuality>)>,
+    pacer: Pacer,
 }
 
 /// Gap notices published at once, at most.
@@ -231,7 +242,31 @@ impl Forwarder {
             stream,
             packer,
             link: LinkFeed::detached(),
+            adapt: None,
+            pacer: Pacer::new(Plan {
+                paused: false,
+                rate: u64::MAX,
+                window: u64::MAX,
+                batch_size: 1,
+                linger: Duration::ZERO,
+                level: 0,
+                degraded: false,
+            }),
         }
+    }
+
+    /// Pace and shape uploads by the rate controller, fed by `quality` once a second.
+    pub fn with_control(
+        mut self,
+        settings: ControlSettings,
+        quality: watch::Receiver<LinkQuality>,
+    ) -> Self {
+        let adapter = Adapter::new(settings);
+        let plan = adapter.initial();
+        self.pacer = Pacer::new(plan);
+        self.packer.set_plan(&plan);
+        self.adapt = Some((adapter, quality));
+        self
     }
 
     /// Report connections, TCP_INFO and PUBACK round trips to the link monitor.
@@ -298,6 +333,8 @@ impl Forwarder {
         // Every publish awaiting PUBACK; only record publishes count against the window.
         let mut inflight: HashMap<u16, Pending> = HashMap::with_capacity(window);
         let mut pubacks = PubackTally::default();
+        self.pacer.reset();
+        let mut pace_deadline: Option<tokio::time::Instant> = None;
         // Tags TCP_INFO samples: the counters restart with every connection.
         let connection = s
             .writer
@@ -369,7 +406,14 @@ impl Forwarder {
                 }
             }
             if drain_deadline.is_none() {
-                while record_publishes < window {
+                while record_publishes < window && pace_deadline.is_none() {
+                    match self.pacer.may_send(Instant::now()) {
+                        Ok(()) => {}
+                        Err(until) => {
+                            pace_deadline = until.map(tokio::time::Instant::from_std);
+                            break;
+                        }
+                    }
                     if queue.len() < self.packer.wants() && !caught_up {
                         match self
                             .store
@@ -401,8 +445,16 @@ impl Forwarder {
                     linger_expired = false;
                     let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
                     let bytes = unit.payload.len();
+                    let records = match &unit.seqs {
+                        Seqs::One(_) => 1,
+                        Seqs::Many(v) => v.len(),
+                    };
                     if let Err(e) = s.queue_publish(unit.topic, unit.payload, unit.retain, pkid) {
                         break 'session End::Lost(e.into());
+                    }
+                    self.pacer.sent(bytes);
+                    if let Some((adapter, _)) = self.adapt.as_mut() {
+                        adapter.sent(records, unit.stored_bytes, bytes);
                     }
                     inflight.insert(pkid, Pending::new(InFlight::Records(unit.seqs), bytes));
                     record_publishes += 1;
@@ -421,6 +473,7 @@ impl Forwarder {
                 }
                 _ = sleep_until_opt(drain_deadline) => break 'session End::Shutdown(s),
                 _ = sleep_until_opt(linger_deadline), if !linger_expired => linger_expired = true,
+                _ = sleep_until_opt(pace_deadline) => pace_deadline = None,
                 packet = s.reader.next() => {
                     last_rx = Instant::now();
                     match packet {
@@ -428,6 +481,12 @@ impl Forwarder {
                             pubacks.count += 1;
                             pubacks.rtt_sum += p.queued.elapsed();
                             pubacks.bytes += p.bytes;
+                            if matches!(p.what, InFlight::Records(_)) {
+                                self.pacer.acked(p.bytes);
+                                if let Some((adapter, _)) = self.adapt.as_mut() {
+                                    adapter.acked(p.bytes);
+                                }
+                            }
                             p.what
                         }) {
                             Some(InFlight::Records(seqs)) => {
@@ -484,6 +543,12 @@ impl Forwarder {
                 _ = tick.tick() => {
                     look_for_gaps = true;
                     self.report_link(&s, connection, &mut pubacks);
+                    if let Some((adapter, quality)) = self.adapt.as_mut() {
+                        let q = *quality.borrow();
+                        let plan = adapter.tick(q, &self.store.stats());
+                        self.pacer.set_plan(plan);
+                        self.packer.set_plan(&plan);
+                    }
                     if last_rx.elapsed() > keep_alive + keep_alive / 2 {
                         break 'session End::Lost(SessionError::KeepAliveTimeout(last_rx.elapsed()).into());
                     }

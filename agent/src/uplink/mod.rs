@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod batch;
 pub mod dictionary;
 pub mod forward;
+pub mod pace;
 pub mod session;
 
 pub use forward::{Forwarder, PassthroughPacker};

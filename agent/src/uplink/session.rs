@@ -26,6 +26,9 @@ use crate::config::UpstreamConfig;
 
 /// Largest packet accepted from the broker (we only expect acks and pings).
 const MAX_INCOMING: usize = 1 << 20;
+/// Unsent bytes the kernel may hold for the upstream socket before it stops reporting
+/// it writable.
+const NOTSENT_LOWAT: u32 = 16 << 10;
 /// MQTT's own limit for an outgoing packet.
 const MAX_OUTGOING: usize = 268_435_455;
 
@@ -104,6 +107,11 @@ impl Session {
                 source,
             })?;
         stream.set_nodelay(true)?;
+        // Keep the kernel's unsent queue shallow: what waits, waits in the agent, where
+        // the next publish is chosen. Not fatal where unsupported.
+        if let Err(e) = crate::link::sys::set_notsent_lowat(&stream, NOTSENT_LOWAT) {
+            tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set");
+        }
         let (rd, wr) = stream.into_split();
         let mut session = Session {
             reader: FramedRead::new(
