@@ -5,6 +5,9 @@
 //!
 //!     cargo run --release -p edgerelay-tests --bin upstream_bytes_bench [-- MESSAGES]
 //!
+//! Batch sizes and levels are the configured ones (`[rate] adapt = false`): this
+//! measures what each setting costs, not what the controller would pick.
+//!
 //! Every case first sends a warm-up, so that with `dictionary = "auto"` the agent has
 //! trained (and announced) its dictionary; then the counters are read before and after
 //! the measured messages.
@@ -161,7 +164,7 @@ fn run(case: &Case, warmup: &[Vec<u8>], messages: &[Vec<u8>]) -> (f64, bool) {
         &dir.path().join("data"),
         &broker.url(),
         &format!(
-            "[compression]\nlevel = {}\ndictionary = \"{}\"\n\n[[socket]]\nkind = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"length-prefixed\"\ntopic = \"sensors/telemetry\"\nack = true\n",
+            "[rate]\nadapt = false\n\n[compression]\nlevel = {}\ndictionary = \"{}\"\n\n[[socket]]\nkind = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"length-prefixed\"\ntopic = \"sensors/telemetry\"\nack = true\n",
             case.level, case.dictionary
         ),
     )
