@@ -2,14 +2,17 @@
 //! them only once the broker has acknowledged them.
 //!
 //! `session` is the MQTT connection (on rumqttc's packet codec), `backoff` the reconnect
-//! policy, `forward` the loop that reads, publishes and acknowledges, with a packer per
-//! mode: passthrough (`forward::PassthroughPacker`) or batch (`batch::BatchPacker`).
+//! policy, `forward` the loop that reads, publishes and acknowledges; `packer` decides
+//! what one publish carries (passthrough: `packer::PassthroughPacker`; batch:
+//! `batch::BatchPacker`, with `dictionary` for its zstd dictionaries); `pace` applies the
+//! rate controller's plan (`crate::control`).
 
 pub mod backoff;
 pub mod batch;
 pub mod dictionary;
 pub mod forward;
 pub mod pace;
+pub mod packer;
 pub mod session;
 
 pub use forward::{Forwarder, PassthroughPacker};
