@@ -193,6 +193,31 @@ fn terminate(child: &mut Child) {
         .status();
 }
 
+/// Benchmarks: run the release agent with `config` written to `dir/edgerelay.toml`,
+/// logging at info; its stderr lines arrive on the returned channel.
+pub fn spawn_release_agent(dir: &Path, config: &str) -> (Child, mpsc::Receiver<String>) {
+    let path = dir.join("edgerelay.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut agent = Command::new(build_agent(&[]))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("EDGERELAY_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the release agent");
+    let (tx, rx) = mpsc::channel();
+    let stderr = agent.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (agent, rx)
+}
+
 /// The `edgerelay` binary, built once per test process with the same profile as the
 /// tests, so a test never runs a stale binary.
 pub fn agent_bin() -> PathBuf {

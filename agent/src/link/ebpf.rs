@@ -204,6 +204,10 @@ impl Probe {
             })?;
         let entries: Vec<(u64, ConnStats)> = conns.iter().filter_map(Result::ok).collect();
         tracing::trace!(?entries, "eBPF probe connections");
+        // Cookies the LRU map evicted are gone for good: forget them here too, or this
+        // memory would grow with every reconnection.
+        self.resets_seen
+            .retain(|cookie, _| entries.iter().any(|(c, _)| c == cookie));
         let mut new_resets = 0;
         let mut current: Option<(u64, ConnStats)> = None;
         for (cookie, s) in &entries {

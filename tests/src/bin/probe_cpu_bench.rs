@@ -11,9 +11,9 @@
 //! `edgerelay_*` program) set against the agent's own CPU time (/proc/PID/stat) and
 //! the machine's.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgerelay_tests::*;
@@ -81,22 +81,7 @@ fn run(probe: &str, seconds: u64, broker: &Mosquitto) -> Sample {
         &broker.url(),
         &format!("[link]\nprobe = \"{probe}\"\n\n[[socket]]\nkind = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"lines\"\ntopic = \"sensors/t\"\n"),
     );
-    std::fs::write(dir.path().join("edgerelay.toml"), &config).expect("config");
-    let mut agent = Command::new(build_agent(&[]))
-        .args(["run", "--config"])
-        .arg(dir.path().join("edgerelay.toml"))
-        .env("EDGERELAY_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("agent");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = agent.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut agent, rx) = spawn_release_agent(dir.path(), &config);
     let mut source = String::new();
     let deadline = Instant::now() + SOON;
     while source.is_empty() {

@@ -16,9 +16,9 @@
 //! timestamps), the overhead a real link carries for every segment.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use edgerelay_tests::*;
@@ -175,22 +175,7 @@ fn run(case: &Case, warmup: &[Vec<u8>], messages: &[Vec<u8>]) -> (f64, bool) {
             case.mode, case.batch
         ),
     );
-    std::fs::write(dir.path().join("edgerelay.toml"), &config).expect("config");
-    let mut agent = Command::new(build_agent(&[]))
-        .args(["run", "--config"])
-        .arg(dir.path().join("edgerelay.toml"))
-        .env("EDGERELAY_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("agent");
-    let (log_tx, log) = std::sync::mpsc::channel::<String>();
-    let stderr = agent.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = log_tx.send(line);
-        }
-    });
+    let (mut agent, log) = spawn_release_agent(dir.path(), &config);
     wait_for_port(std::net::SocketAddr::from(([127, 0, 0, 1], port)), SOON);
     let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let mut tally = Tally::default();
