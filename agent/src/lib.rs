@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod ingest;
 pub mod link;
+pub mod policy;
 pub mod record;
 pub mod store;
 pub mod topic;
@@ -35,8 +36,7 @@ pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Name of the stream every record goes to until policies assign streams.
-pub const DEFAULT_STREAM: &str = "default";
+pub use policy::DEFAULT_STREAM;
 /// File name of the buffer inside `data_dir`.
 pub const BUFFER_FILE: &str = "buffer.redb";
 
@@ -125,14 +125,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let (store, store_thread) = tokio::task::spawn_blocking(move || Store::open(opts))
         .await
         .map_err(|e| RunError::Task(e.to_string()))??;
-    let stream = store.stream(DEFAULT_STREAM).await?;
+    let routes = ingest::Routes::open(&store, config.policies.clone()).await?;
 
     let mut sockets = Vec::with_capacity(config.sockets.len());
     for sc in config.sockets {
+        let stream = routes.stream(&sc.topic);
         sockets.push(SocketIngest::bind(sc, store.clone(), stream).await?);
     }
     let local_mqtt = match config.local_mqtt {
-        Some(cfg) => Some(ingest::mqtt::LocalMqtt::bind(cfg, store.clone(), stream).await?),
+        Some(cfg) => Some(ingest::mqtt::LocalMqtt::bind(cfg, store.clone(), routes.clone()).await?),
         None => None,
     };
     let ingest_cancel = CancellationToken::new();
@@ -147,7 +148,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     if let Some(cfg) = config.local_broker {
         ingest.spawn(
-            ingest::bridge::Bridge::new(cfg, store.clone(), stream).run(ingest_cancel.clone()),
+            ingest::bridge::Bridge::new(cfg, store.clone(), routes.clone())
+                .run(ingest_cancel.clone()),
         );
     }
     ingest.close();
@@ -168,7 +170,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             uplink::batch::BatchSettings {
                 prefix: config.upstream.topic_prefix.clone(),
                 gateway: config.agent.gateway_id.clone(),
-                stream: DEFAULT_STREAM.to_owned(),
                 epoch: store.epoch(),
                 batch_size: config.upstream.batch_size.get(),
                 linger: config.upstream.batch_linger,
@@ -189,7 +190,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         config.upstream.clone(),
         config.agent.gateway_id.clone(),
         store.clone(),
-        stream,
+        routes
+            .ids()
+            .iter()
+            .copied()
+            .zip(routes.policies().streams().iter().cloned())
+            .collect(),
+        routes.policies().clone(),
         packer,
     )
     .with_link_feed(link_feed);

@@ -5,6 +5,8 @@
 //! nothing running); readiness is waited on (a port accepting, a log line), never slept
 //! for; a missing system package fails the test with a message saying how to install it.
 
+pub mod fleet;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -462,6 +464,9 @@ impl Drop for Agent {
 pub struct Received {
     pub topic: String,
     pub payload: Vec<u8>,
+    /// When it arrived, milliseconds since the Unix epoch (for latencies measured
+    /// against a timestamp the publisher put in the payload).
+    pub at_ms: u64,
 }
 
 /// A real MQTT subscriber (rumqttc) on the central broker, with a persistent session so
@@ -509,6 +514,7 @@ impl Subscriber {
                         let msg = Received {
                             topic: p.topic.clone(),
                             payload: p.payload.to_vec(),
+                            at_ms: unix_ms(),
                         };
                         if tx.send(msg).is_err() {
                             break;
@@ -572,6 +578,13 @@ impl Drop for Subscriber {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A minimal agent config around `upstream_url`, with `extra` TOML appended.
@@ -706,7 +719,25 @@ impl Unpack {
 
     /// Start with extra arguments (e.g. `--republish-prefix P`).
     pub fn start_with(broker_url: &str, prefix: &str, state: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(agent_bin())
+        Self::start_cmd(Command::new(agent_bin()), broker_url, prefix, state, args)
+    }
+
+    /// Start inside network namespace `netns` (a link lab's central side), `--jsonl`.
+    pub fn start_in_netns(netns: &str, broker_url: &str, prefix: &str, state: &Path) -> Self {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{netns}"))
+            .arg(agent_bin());
+        Self::start_cmd(cmd, broker_url, prefix, state, &["--jsonl"])
+    }
+
+    fn start_cmd(
+        mut cmd: Command,
+        broker_url: &str,
+        prefix: &str,
+        state: &Path,
+        args: &[&str],
+    ) -> Self {
+        let mut child = cmd
             .args([
                 "unpack",
                 "--broker",
@@ -766,6 +797,11 @@ impl Unpack {
 
     pub fn logs(&self) -> String {
         self.log.lines.lock().expect("lock").join("\n")
+    }
+
+    /// Log lines so far (gap notices are logged: "gateway reports records dropped").
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lines.lock().expect("lock").clone()
     }
 
     /// SIGTERM and wait (its output threads then see EOF).

@@ -7,6 +7,7 @@
 //! only its own section.
 
 mod local;
+mod policy;
 mod raw;
 mod render;
 mod sections;
@@ -26,6 +27,8 @@ pub struct Config {
     pub compression: CompressionConfig,
     pub link: LinkConfig,
     pub rate: RateConfig,
+    /// `[[policy]]`: streams, priorities, degradation, drain order.
+    pub policies: crate::policy::Policies,
     pub buffer: BufferConfig,
     pub sockets: Vec<SocketConfig>,
     pub local_mqtt: Option<LocalMqttConfig>,

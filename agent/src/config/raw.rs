@@ -117,3 +117,13 @@ pub struct RawRate {
     pub adapt: Field<bool>,
     pub max_rate: Field<String>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub topics: Field<Vec<String>>,
+    pub stream: Field<String>,
+    pub priority: Field<String>,
+    pub degrade: Field<String>,
+    pub drain: Field<String>,
+}

@@ -4,6 +4,7 @@
 use toml::{Table, Value};
 
 use super::*;
+use crate::policy::Degrade;
 
 /// Bytes in the largest binary unit that divides them exactly ("512MiB", "1500B").
 pub fn size(n: u64) -> String {
@@ -167,6 +168,34 @@ pub fn render(c: &Config) -> String {
         rate.insert("max_rate".into(), s(b.to_string()));
     }
     root.insert("rate".into(), Value::Table(rate));
+
+    let policies: Vec<Value> = c
+        .policies
+        .list()
+        .iter()
+        .map(|p| {
+            let mut t = Table::new();
+            t.insert(
+                "topics".into(),
+                Value::Array(p.topics.iter().map(|f| s(f.as_str())).collect()),
+            );
+            t.insert("stream".into(), s(&p.stream));
+            t.insert("priority".into(), s(p.priority.as_str()));
+            t.insert(
+                "degrade".into(),
+                s(match p.degrade {
+                    Degrade::None => "none".to_owned(),
+                    Degrade::Latest => "latest".to_owned(),
+                    Degrade::Sample(d) => format!("sample:{}", humantime::format_duration(d)),
+                }),
+            );
+            t.insert("drain".into(), s(p.drain.as_str()));
+            Value::Table(t)
+        })
+        .collect();
+    if !policies.is_empty() {
+        root.insert("policy".into(), Value::Array(policies));
+    }
 
     let u = &c.upstream;
     let mut up = Table::new();

@@ -302,3 +302,97 @@ fn unsupported_sections_say_so() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn policy_settings() {
+    use crate::policy::{Degrade, Drain, Priority};
+    let c = parse(&format!(
+        r#"{MINIMAL}
+[[policy]]
+topics = ["alarms/#"]
+priority = "high"
+drain = "newest-first"
+
+[[policy]]
+topics = ["sensors/+/temp", "sensors/+/hum"]
+priority = "low"
+degrade = "sample:30s"
+
+[[policy]]
+topics = ["status/#"]
+stream = "status"
+priority = "low"
+degrade = "latest"
+"#
+    ))
+    .expect("valid");
+    let list = c.policies.list();
+    assert_eq!(list.len(), 3);
+    assert_eq!(list[0].stream, "high");
+    assert_eq!(list[0].drain, Drain::NewestFirst);
+    assert_eq!(list[1].stream, "low");
+    assert_eq!(list[1].degrade, Degrade::Sample(Duration::from_secs(30)));
+    assert_eq!(list[2].priority, Priority::Low);
+    assert_eq!(list[2].degrade, Degrade::Latest);
+    let names: Vec<&str> = c
+        .policies
+        .streams()
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["high", "low", "status", "default"]);
+    // The effective config shows them and parses back to the same.
+    let again = parse(&c.render()).expect("rendered config is valid");
+    assert_eq!(again.policies, c.policies);
+
+    let bad = |body: &str, key: &str, needle: &str| {
+        let problems = parse(&format!("{MINIMAL}\n{body}\n")).expect_err(body);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key == key && p.message.contains(needle)),
+            "{body}: expected {key} ~ {needle:?}, got {problems:?}"
+        );
+    };
+    bad(
+        "[[policy]]\ntopics = [\"a\"]\npriority = \"high\"\ndegrade = \"latest\"",
+        "policy[0].degrade",
+        "never degraded",
+    );
+    bad(
+        "[[policy]]\ntopics = [\"a\"]\ndegrade = \"sample:soon\"",
+        "policy[0].degrade",
+        "not a duration",
+    );
+    bad(
+        "[[policy]]\ntopics = [\"a\"]\ndegrade = \"drop\"",
+        "policy[0].degrade",
+        "sample:INTERVAL",
+    );
+    bad(
+        "[[policy]]\ntopics = [\"a\"]\npriority = \"urgent\"",
+        "policy[0].priority",
+        "is not one of",
+    );
+    bad(
+        "[[policy]]\npriority = \"low\"",
+        "policy[0].topics",
+        "is required",
+    );
+    bad(
+        "[[policy]]\ntopics = [\"a/#/b\"]",
+        "policy[0].topics",
+        "a/#/b",
+    );
+    bad(
+        "[[policy]]\ntopics = [\"a\"]\nstream = \"x/y\"",
+        "policy[0].stream",
+        "not a stream name",
+    );
+    bad(
+        "[[policy]]\ntopics = [\"a\"]\nstream = \"s\"\n[[policy]]\ntopics = [\"b\"]\nstream = \"s\"\ndrain = \"newest-first\"",
+        "policy[1].stream",
+        "must agree",
+    );
+    bad("[policy]\ntopics = [\"a\"]", "policy", "[[policy]]");
+}

@@ -12,14 +12,14 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use super::raw::{
-    Field, RawAgent, RawBuffer, RawCompression, RawLink, RawLocalBroker, RawLocalMqtt, RawRate,
-    RawSocket, RawUpstream, SizeValue,
+    Field, RawAgent, RawBuffer, RawCompression, RawLink, RawLocalBroker, RawLocalMqtt, RawPolicy,
+    RawRate, RawSocket, RawUpstream, SizeValue,
 };
 use super::*;
 
 /// Sections named in the design but delivered by later work: recognised, so the error
 /// says what is going on rather than "unknown key".
-const NOT_YET: &[&str] = &["policy", "metrics"];
+const NOT_YET: &[&str] = &["metrics"];
 
 pub(super) struct Ctx<'a> {
     text: &'a str,
@@ -315,6 +315,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
     let mut agent = None;
     let mut buffer = None;
     let mut sockets = Vec::new();
+    let mut policies = Vec::new();
     let mut upstream = None;
     let mut local_mqtt = None;
     let mut compression = None;
@@ -357,6 +358,22 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
                     "socket",
                     Some(span),
                     "must be an array of tables: write [[socket]]",
+                ),
+            },
+            "policy" => match v.into_inner() {
+                DeValue::Array(items) => {
+                    for (i, item) in items.into_iter().enumerate() {
+                        let key = format!("policy[{i}]");
+                        let item_span = item.span();
+                        if let Some(raw) = ctx.section::<RawPolicy>(&key, item) {
+                            policies.push((key, item_span, raw));
+                        }
+                    }
+                }
+                _ => ctx.err(
+                    "policy",
+                    Some(span),
+                    "must be an array of tables: write [[policy]]",
                 ),
             },
             other if NOT_YET.contains(&other) => ctx.err(
@@ -406,12 +423,14 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
         sections::validate_compression(&mut ctx, compression.unwrap_or_default(), path);
     let link = sections::validate_link(&mut ctx, link.unwrap_or_default());
     let rate = sections::validate_rate(&mut ctx, rate.unwrap_or_default());
+    let policies = super::policy::validate_policies(&mut ctx, policies);
     match (agent, upstream) {
         (Some(agent), Some(upstream)) if ctx.problems.is_empty() => Ok(Config {
             agent,
             compression,
             link,
             rate,
+            policies,
             buffer,
             sockets,
             local_mqtt,

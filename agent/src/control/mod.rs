@@ -20,6 +20,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::link::LinkQuality;
+use crate::policy::Priority;
 
 /// Ticks (seconds) the bandwidth maximum is taken over.
 const BW_WINDOW: usize = 8;
@@ -60,8 +61,10 @@ pub struct Inputs {
     pub link: LinkQuality,
     /// Bytes waiting in the buffer (stored size).
     pub backlog_bytes: u64,
-    /// Stored bytes arriving per second.
+    /// Stored bytes arriving per second (all streams)...
     pub ingest_rate: f64,
+    /// ...and of it, those of low-priority streams.
+    pub ingest_low: f64,
     /// Wire bytes per stored byte of recent batches (compression), 0..1.
     pub wire_ratio: f64,
     /// Wire bytes per record of recent batches.
@@ -85,8 +88,31 @@ pub struct Plan {
     pub batch_size: usize,
     pub linger: Duration,
     pub level: i32,
-    /// The link cannot keep up with what arrives: degradable priorities are degraded.
-    pub degraded: bool,
+    /// Which priorities the link cannot keep up with: their degradable topics are
+    /// sampled or conflated (`[[policy]] degrade`).
+    pub degraded: Degradation,
+}
+
+/// Degradation state per priority. High is never degraded; low goes first, normal only
+/// when even without low the link cannot carry what arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Degradation {
+    pub normal: bool,
+    pub low: bool,
+}
+
+impl Degradation {
+    pub fn of(self, p: Priority) -> bool {
+        match p {
+            Priority::High => false,
+            Priority::Normal => self.normal,
+            Priority::Low => self.low,
+        }
+    }
+
+    pub fn any(self) -> bool {
+        self.normal || self.low
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +132,7 @@ pub struct Controller {
     startup_stalls: u32,
     last_bw: f64,
     was_up: bool,
-    degraded: bool,
+    degraded: Degradation,
     level: i32,
     /// Consecutive ticks with an inflated RTT.
     inflated_ticks: u32,
@@ -132,7 +158,7 @@ impl Controller {
             startup_stalls: 0,
             last_bw: 0.0,
             was_up: false,
-            degraded: false,
+            degraded: Degradation::default(),
             level,
             inflated_ticks: 0,
             probe_base: 0.0,
@@ -152,7 +178,7 @@ impl Controller {
             batch_size: self.s.batch_size,
             linger: self.s.linger,
             level: self.s.level,
-            degraded: false,
+            degraded: Degradation::default(),
         }
     }
 
@@ -168,7 +194,7 @@ impl Controller {
             batch_size: self.s.batch_size,
             linger: self.s.linger,
             level: self.level,
-            degraded: false,
+            degraded: Degradation::default(),
         }
     }
 
@@ -300,19 +326,27 @@ impl Controller {
         self.plan(i)
     }
 
-    /// Sustained: what arrives (as wire bytes) exceeds 90 % of what the link carries
-    /// and the backlog grows; cleared below 70 %.
+    /// A priority is degraded when what arrives for it and above (as wire bytes)
+    /// exceeds 90 % of what the link carries; cleared below 70 % (hysteresis, so the
+    /// state does not flap with every tick's noise).
     fn update_degraded(&mut self, i: &Inputs) {
-        let arriving = i.ingest_rate * i.wire_ratio.clamp(0.0, 1.0);
+        let ratio = i.wire_ratio.clamp(0.0, 1.0);
         let capacity = self.bandwidth().min(self.cap());
         if capacity <= 0.0 {
             return;
         }
-        if arriving > capacity * 0.9 {
-            self.degraded = true;
-        } else if arriving < capacity * 0.7 {
-            self.degraded = false;
-        }
+        let flip = |on: &mut bool, arriving: f64| {
+            if arriving > capacity * 0.9 {
+                *on = true;
+            } else if arriving < capacity * 0.7 {
+                *on = false;
+            }
+        };
+        flip(&mut self.degraded.low, i.ingest_rate * ratio);
+        flip(
+            &mut self.degraded.normal,
+            (i.ingest_rate - i.ingest_low).max(0.0) * ratio,
+        );
     }
 
     /// Higher when the link is the bottleneck and the CPU is idle, lower when CPU-bound.

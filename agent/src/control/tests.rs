@@ -73,6 +73,7 @@ fn inputs(link: LinkQuality) -> Inputs {
         link,
         backlog_bytes: 100 << 20,
         ingest_rate: 0.0,
+        ingest_low: 0.0,
         wire_ratio: 0.1,
         wire_per_record: 20.0,
         cpu: 0.1,
@@ -88,7 +89,7 @@ fn run(c: &mut Controller, link: &mut SimLink, ticks: usize) -> Vec<(Plan, Durat
         batch_size: 10,
         linger: Duration::ZERO,
         level: 3,
-        degraded: false,
+        degraded: Degradation::default(),
     });
     let mut out = Vec::new();
     for _ in 0..ticks {
@@ -192,16 +193,23 @@ fn degraded_while_arrivals_exceed_the_link_and_level_follows_cpu() {
         batch_size: 10,
         linger: Duration::ZERO,
         level: 3,
-        degraded: false,
+        degraded: Degradation::default(),
     });
     let mut i = inputs(q);
     i.ingest_rate = 200_000.0; // × 0.1 wire ratio = 20 kB/s > 12.5 kB/s
+    i.ingest_low = 150_000.0; // without low: 5 kB/s, which the link carries
     let p = c.tick(&i);
-    assert!(p.degraded);
+    assert!(p.degraded.low && !p.degraded.normal, "{:?}", p.degraded);
+    assert!(!p.degraded.of(Priority::High));
     assert_eq!(p.level, 9, "slow link, idle CPU: compress harder");
-    i.ingest_rate = 50_000.0; // 5 kB/s on the wire
+    i.ingest_low = 50_000.0; // normal alone is now 15 kB/s: too much as well
     let p = c.tick(&i);
-    assert!(!p.degraded);
+    assert!(p.degraded.low && p.degraded.normal, "{:?}", p.degraded);
+    assert!(!p.degraded.of(Priority::High), "high is never degraded");
+    i.ingest_rate = 50_000.0; // 5 kB/s on the wire
+    i.ingest_low = 0.0;
+    let p = c.tick(&i);
+    assert!(!p.degraded.any());
     i.cpu = 0.95;
     assert_eq!(c.tick(&i).level, 1, "CPU-bound: compress less");
 }
@@ -217,7 +225,7 @@ fn fixed_behaviour_without_adapt() {
         assert_eq!(p.rate, 50_000);
         assert_eq!(p.batch_size, 1000);
         assert_eq!(p.level, 3);
-        assert!(!p.paused && !p.degraded);
+        assert!(!p.paused && !p.degraded.any());
     }
 }
 

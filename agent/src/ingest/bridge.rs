@@ -24,8 +24,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LocalBrokerConfig;
+use crate::ingest::Routes;
 use crate::record::{Origin, OriginKind, Record};
-use crate::store::{Store, StreamId};
+use crate::store::Store;
 use crate::uplink::backoff::Backoff;
 
 const HANDOFF: usize = 256;
@@ -38,12 +39,12 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Bridge {
     cfg: LocalBrokerConfig,
     store: Store,
-    stream: StreamId,
+    routes: Routes,
 }
 
 impl Bridge {
-    pub fn new(cfg: LocalBrokerConfig, store: Store, stream: StreamId) -> Self {
-        Self { cfg, store, stream }
+    pub fn new(cfg: LocalBrokerConfig, store: Store, routes: Routes) -> Self {
+        Self { cfg, store, routes }
     }
 
     pub async fn run(self, cancel: CancellationToken) {
@@ -120,7 +121,7 @@ impl Bridge {
                             origin: origin.clone(),
                             ts_ms: crate::record::now_ms(),
                         };
-                        let (store, stream, cancel) = (self.store.clone(), self.stream, cancel.clone());
+                        let (store, stream, cancel) = (self.store.clone(), self.routes.stream(&p.topic), cancel.clone());
                         pending.push_back(async move {
                             let r = crate::ingest::append_waiting_for_space(&store, stream, record, &cancel, "local broker").await;
                             (p, r)

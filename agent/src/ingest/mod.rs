@@ -14,8 +14,51 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use crate::policy::Policies;
 use crate::record::Record;
-use crate::store::{AppendError, Refused, Store, StreamId};
+use crate::store::{AppendError, Refused, Store, StoreError, StreamId};
+
+/// Which buffered stream a message goes to, by its topic (`[[policy]]`): resolved
+/// once to store ids at start-up, then a lookup per message.
+#[derive(Debug, Clone)]
+pub struct Routes {
+    policies: Arc<Policies>,
+    ids: Arc<[StreamId]>,
+}
+
+impl Routes {
+    /// Create (durably) every stream the policies name.
+    pub async fn open(store: &Store, policies: Policies) -> Result<Self, StoreError> {
+        let mut ids = Vec::with_capacity(policies.streams().len());
+        for (i, s) in policies.streams().iter().enumerate() {
+            let id = store.stream(&s.name).await?;
+            if policies.conflates(i) {
+                store.track_latest(id);
+            }
+            ids.push(id);
+        }
+        Ok(Self {
+            policies: Arc::new(policies),
+            ids: ids.into(),
+        })
+    }
+
+    /// The stream of a message published to `topic`.
+    pub fn stream(&self, topic: &str) -> StreamId {
+        self.ids[self.policies.stream_of(topic)]
+    }
+
+    pub fn policies(&self) -> &Arc<Policies> {
+        &self.policies
+    }
+
+    /// Store ids, in the order of `policies().streams()`.
+    pub fn ids(&self) -> &[StreamId] {
+        &self.ids
+    }
+}
 
 /// Counters for one ingest source (exported as metrics later; logged at shutdown).
 #[derive(Debug, Default)]

@@ -160,6 +160,10 @@ impl StreamState {
 pub enum GapReason {
     MaxAge = 1,
     MaxSize = 2,
+    /// Dropped by `degrade = "sample:…"` while the link could not keep up.
+    Sampled = 3,
+    /// Dropped by `degrade = "latest"`: a newer message of the same topic was kept.
+    Conflated = 4,
 }
 
 impl GapReason {
@@ -167,6 +171,8 @@ impl GapReason {
         match v {
             1 => Some(Self::MaxAge),
             2 => Some(Self::MaxSize),
+            3 => Some(Self::Sampled),
+            4 => Some(Self::Conflated),
             _ => None,
         }
     }
@@ -174,6 +180,8 @@ impl GapReason {
         match self {
             Self::MaxAge => "max_age",
             Self::MaxSize => "max_size",
+            Self::Sampled => "sampled",
+            Self::Conflated => "conflated",
         }
     }
 }

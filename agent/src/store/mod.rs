@@ -15,6 +15,7 @@
 
 mod codec;
 mod inbox;
+mod latest;
 mod retention;
 mod schema;
 mod state;
@@ -194,6 +195,14 @@ pub(crate) enum Request {
         gaps: Vec<Gap>,
         reply: oneshot::Sender<Result<(), AppendError>>,
     },
+    /// Records dropped by degradation (sampling, conflation): delete those still stored
+    /// and record them as one gap with `reason`.
+    Discard {
+        stream: StreamId,
+        seqs: Vec<u64>,
+        reason: GapReason,
+        reply: oneshot::Sender<Result<u64, AppendError>>,
+    },
     /// Set a value other parts keep with the buffer (see [`Store::put_meta`]).
     PutMeta {
         key: String,
@@ -218,6 +227,7 @@ pub struct Store {
     freed: watch::Receiver<u64>,
     stats: watch::Receiver<Arc<StoreStats>>,
     names: Arc<std::sync::Mutex<HashMap<String, StreamId>>>,
+    latest: Arc<std::sync::Mutex<latest::LatestIndex>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -323,11 +333,13 @@ impl Store {
         let (freed_tx, freed) = watch::channel(0u64);
         let (stats_tx, stats) = watch::channel(Arc::new(state.stats(opts.budget.data_bytes)));
         let path = Arc::new(opts.path.clone());
+        let latest = Arc::new(std::sync::Mutex::new(latest::LatestIndex::default()));
         let w = writer::Writer::new(
             db.clone(),
             opts,
             state,
             inbox,
+            latest.clone(),
             writer::Signals {
                 committed: committed_tx,
                 freed: freed_tx,
@@ -355,6 +367,7 @@ impl Store {
             freed,
             stats,
             names: Arc::new(std::sync::Mutex::new(names)),
+            latest,
         };
         Ok((
             store,
@@ -527,22 +540,63 @@ impl Store {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, StoreError> {
+        if after == Some(u64::MAX) {
+            return Ok(Vec::new());
+        }
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        self.scan(stream, start, u64::MAX, false, max_records, max_bytes)
+    }
+
+    /// Up to `max_records` records (and roughly `max_bytes`, at least one record) of
+    /// `stream` with `above < seq <= upto`, newest first (for `drain = "newest-first"`).
+    pub async fn read_newest(
+        &self,
+        stream: StreamId,
+        above: Option<u64>,
+        upto: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        if above.is_some_and(|a| a >= upto) {
+            return Ok(Vec::new());
+        }
+        let start = above.map_or(0, |a| a.saturating_add(1));
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            this.scan(stream, start, upto, true, max_records, max_bytes)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records of `stream` with seq in `from..=to`, ascending or (`newest_first`)
+    /// descending, bounded like [`Store::read`].
+    fn scan(
+        &self,
+        stream: StreamId,
+        from: u64,
+        to: u64,
+        newest_first: bool,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
         let storage = |e: &dyn std::fmt::Display| StoreError::Storage {
             path: self.path.to_path_buf(),
             detail: e.to_string(),
         };
         let txn = self.db.begin_read().map_err(|e| storage(&e))?;
         let table = txn.open_table(schema::RECORDS).map_err(|e| storage(&e))?;
-        let start = after.map_or(0, |a| a.saturating_add(1));
-        if after == Some(u64::MAX) {
-            return Ok(Vec::new());
-        }
+        let range = table
+            .range((stream.0, from)..=(stream.0, to))
+            .map_err(|e| storage(&e))?;
+        let entries: Box<dyn Iterator<Item = _>> = if newest_first {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for entry in table
-            .range((stream.0, start)..=(stream.0, u64::MAX))
-            .map_err(|e| storage(&e))?
-        {
+        for entry in entries {
             let (k, v) = entry.map_err(|e| storage(&e))?;
             let (_, seq) = k.value();
             let record =
@@ -558,6 +612,41 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Drop records on purpose (degradation): those of `seqs` still stored are deleted
+    /// and recorded as one gap of `reason` spanning them, in the same commit. Returns
+    /// how many were dropped (records evicted meanwhile are already in a gap).
+    pub async fn discard(
+        &self,
+        stream: StreamId,
+        seqs: Vec<u64>,
+        reason: GapReason,
+    ) -> Result<u64, AppendError> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let (req, rx) = call(|reply| Request::Discard {
+            stream,
+            seqs,
+            reason,
+            reply,
+        });
+        self.tx.send(req).await.map_err(|_| AppendError::Closed)?;
+        rx.await.unwrap_or(Err(AppendError::Closed))
+    }
+
+    /// Keep track of the newest message per topic in `stream` from now on (for
+    /// conflation, see [`Store::newest`]).
+    pub fn track_latest(&self, stream: StreamId) {
+        if let Ok(mut l) = self.latest.lock() {
+            l.track(stream.0);
+        }
+    }
+
+    /// The seq of the newest committed message of `topic` in a tracked `stream`.
+    pub fn newest(&self, stream: StreamId, topic: &str) -> Option<u64> {
+        self.latest.lock().ok()?.newest(stream.0, topic)
     }
 
     /// Gaps were reported upstream: forget them. A gap that grew since it was read keeps

@@ -14,6 +14,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::codec::{self, GapReason, GapValue, StreamState};
 use super::inbox::{Inbox, Recv};
+use super::latest::LatestIndex;
 use super::retention::{self, Admission, Head};
 use super::schema::{GAPS, META, RECORDS, STREAMS, STREAM_STATE};
 use super::state::{State, StreamEntry};
@@ -36,6 +37,7 @@ pub struct Writer {
     rx: Inbox,
     signals: Signals,
     scratch: Vec<u8>,
+    latest: Arc<std::sync::Mutex<LatestIndex>>,
 }
 
 /// A reply held back until the transaction that decides it has committed.
@@ -47,6 +49,7 @@ enum Reply {
     Append(oneshot::Sender<Result<u64, Refused>>, Result<u64, Refused>),
     Ack(Option<oneshot::Sender<Result<(), AppendError>>>),
     Maintain(oneshot::Sender<()>),
+    Discard(oneshot::Sender<Result<u64, AppendError>>, u64),
 }
 
 impl Reply {
@@ -64,6 +67,9 @@ impl Reply {
             Reply::Ack(None) => {}
             Reply::Maintain(tx) => {
                 let _ = tx.send(());
+            }
+            Reply::Discard(tx, n) => {
+                let _ = tx.send(Ok(n));
             }
         }
     }
@@ -91,6 +97,9 @@ impl Reply {
             Reply::Maintain(tx) => {
                 let _ = tx.send(());
             }
+            Reply::Discard(tx, _) => {
+                let _ = tx.send(Err(AppendError::Storage(detail.to_owned())));
+            }
         }
     }
 }
@@ -104,6 +113,8 @@ struct Effects {
     /// A meta value was written (no stream touched, but still a change to commit).
     meta_written: bool,
     more_age_work: bool,
+    /// Appends to streams that track their newest message per topic.
+    latest: Vec<(u16, String, u64)>,
 }
 
 impl Writer {
@@ -112,6 +123,7 @@ impl Writer {
         opts: StoreOptions,
         state: State,
         rx: Inbox,
+        latest: Arc<std::sync::Mutex<LatestIndex>>,
         signals: Signals,
     ) -> Self {
         Self {
@@ -121,6 +133,7 @@ impl Writer {
             rx,
             signals,
             scratch: Vec::with_capacity(1024),
+            latest,
         }
     }
 
@@ -256,6 +269,13 @@ impl Writer {
             Ok(()) => {
                 work.commits += u64::from(!effects.touched.is_empty() || effects.meta_written);
                 self.state = work;
+                if !effects.latest.is_empty() {
+                    if let Ok(mut l) = self.latest.lock() {
+                        for (stream, topic, seq) in effects.latest.drain(..) {
+                            l.committed(stream, &topic, seq);
+                        }
+                    }
+                }
                 if effects.appended {
                     self.signals.committed.send_modify(|g| *g += 1);
                 }
@@ -329,6 +349,12 @@ impl Writer {
                 reply,
             } => {
                 let res = self.append(work, t, stream, &record, fx)?;
+                if let Ok(seq) = res {
+                    let tracked = self.latest.lock().is_ok_and(|l| l.is_tracked(stream.0));
+                    if tracked {
+                        fx.latest.push((stream.0, record.topic.clone(), seq));
+                    }
+                }
                 // A refused record goes back to its producer, which may retry it
                 // without having kept a copy.
                 Reply::Append(
@@ -365,6 +391,15 @@ impl Writer {
                     self.ack_gap(work, t, g, fx)?;
                 }
                 Reply::Ack(Some(reply))
+            }
+            Request::Discard {
+                stream,
+                seqs,
+                reason,
+                reply,
+            } => {
+                let n = self.discard(work, t, stream.0, &seqs, reason, fx)?;
+                Reply::Discard(reply, n)
             }
             Request::PutMeta { key, value, reply } => {
                 t.meta.insert(key.as_str(), value.as_slice())?;
@@ -421,6 +456,49 @@ impl Writer {
         fx.appended = true;
         fx.touched.push(stream.0);
         Ok(Ok(seq))
+    }
+
+    /// Delete the records of `seqs` still stored and record them as one gap.
+    fn discard(
+        &mut self,
+        work: &mut State,
+        t: &mut Tables<'_>,
+        stream: u16,
+        seqs: &[u64],
+        reason: GapReason,
+        fx: &mut Effects,
+    ) -> Result<u64, redb::Error> {
+        let (mut first, mut last, mut count) = (u64::MAX, 0u64, 0u64);
+        for &seq in seqs {
+            let Some(len) = t.records.remove((stream, seq))?.map(|v| v.value().len()) else {
+                continue;
+            };
+            let cost = retention::entry_cost(len);
+            if let Some(s) = work.streams.get_mut(&stream) {
+                s.state.count = s.state.count.saturating_sub(1);
+                s.state.bytes = s.state.bytes.saturating_sub(cost);
+            }
+            work.used = work.used.saturating_sub(cost);
+            first = first.min(seq);
+            last = last.max(seq);
+            count += 1;
+        }
+        if count > 0 {
+            // No gap can start at `first`: it was a stored record until now.
+            t.gaps.insert(
+                (stream, first),
+                GapValue {
+                    last,
+                    count,
+                    reason,
+                }
+                .encode()
+                .as_slice(),
+            )?;
+            fx.freed = true;
+            fx.touched.push(stream);
+        }
+        Ok(count)
     }
 
     /// Forget a reported gap. If eviction extended it after it was read, keep the

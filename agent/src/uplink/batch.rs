@@ -28,9 +28,9 @@ pub struct BatchPacker {
     encoder_dict: u64,
     level: i32,
     gateway: String,
-    stream: String,
     epoch: u64,
-    topic: String,
+    /// `[upstream] topic_prefix`: batches go to `{prefix}/batch/{stream}`.
+    prefix: String,
     batch_size: usize,
     linger: Duration,
     dicts: DictState,
@@ -40,7 +40,7 @@ pub struct BatchPacker {
 impl std::fmt::Debug for BatchPacker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BatchPacker")
-            .field("topic", &self.topic)
+            .field("prefix", &self.prefix)
             .field("batch_size", &self.batch_size)
             .field("linger", &self.linger)
             .field("dictionary", &format_args!("{:016x}", self.encoder_dict))
@@ -53,7 +53,6 @@ impl std::fmt::Debug for BatchPacker {
 pub struct BatchSettings {
     pub prefix: String,
     pub gateway: String,
-    pub stream: String,
     pub epoch: u64,
     pub batch_size: usize,
     pub linger: Duration,
@@ -74,10 +73,9 @@ impl BatchPacker {
             })?,
             encoder_dict: 0,
             level: s.level,
-            topic: upstream_topic(&s.prefix, &format!("batch/{}", s.stream)),
             gateway: s.gateway,
-            stream: s.stream,
             epoch: s.epoch,
+            prefix: s.prefix,
             batch_size: s.batch_size.max(1),
             linger: s.linger,
             dicts,
@@ -157,6 +155,7 @@ impl Packer for BatchPacker {
 
     fn pack(
         &mut self,
+        stream: &str,
         queue: &mut VecDeque<StoredRecord>,
         flush: bool,
     ) -> Result<Option<Unit>, UplinkError> {
@@ -165,14 +164,18 @@ impl Packer for BatchPacker {
         }
         self.sync_encoder()?;
         let n = queue.len().min(self.batch_size);
-        let records: Vec<StoredRecord> = queue.drain(..n).collect();
+        let mut records: Vec<StoredRecord> = queue.drain(..n).collect();
+        // Newest-first lanes queue chunks newest first; a batch is in seq order.
+        if records.windows(2).any(|w| w[1].seq < w[0].seq) {
+            records.sort_unstable_by_key(|r| r.seq);
+        }
         let now = Instant::now();
         self.dicts
             .observe(records.iter().map(|r| r.record.payload.as_ref()), now);
         self.start_training(now);
         let src = Source {
             gateway: &self.gateway,
-            stream: &self.stream,
+            stream,
             epoch: self.epoch,
         };
         if self.dicts.probe_next() {
@@ -187,7 +190,7 @@ impl Packer for BatchPacker {
             self.dicts.probed(self.encoder_dict, with, without);
         }
         Ok(Some(Unit {
-            topic: self.topic.clone(),
+            topic: upstream_topic(&self.prefix, &format!("batch/{stream}")),
             payload: Bytes::from(payload),
             retain: false,
             seqs: Seqs::Many(records.iter().map(|r| r.seq).collect()),
@@ -253,7 +256,6 @@ mod tests {
         let mut p = BatchPacker::new(BatchSettings {
             prefix: "up".into(),
             gateway: "gw".into(),
-            stream: "default".into(),
             epoch: 9,
             batch_size: 4,
             linger: Duration::from_secs(1),
@@ -264,20 +266,26 @@ mod tests {
         })
         .expect("packer");
         let mut q = queue(6);
-        let unit = p.pack(&mut q, false).expect("pack").expect("a full batch");
+        let unit = p
+            .pack("default", &mut q, false)
+            .expect("pack")
+            .expect("a full batch");
         assert_eq!(unit.topic, "up/batch/default");
         assert_eq!(unit.seqs, Seqs::Many(vec![0, 1, 2, 3]));
         let batch = crate::wire::decode(&unit.payload, &|_| None).expect("decodes");
         assert_eq!(batch.records.len(), 4);
         assert_eq!(batch.header.epoch, 9);
         assert!(
-            p.pack(&mut q, false).expect("pack").is_none(),
+            p.pack("default", &mut q, false).expect("pack").is_none(),
             "2 left: waits"
         );
-        let unit = p.pack(&mut q, true).expect("pack").expect("flushed");
+        let unit = p
+            .pack("default", &mut q, true)
+            .expect("pack")
+            .expect("flushed");
         assert_eq!(unit.seqs, Seqs::Many(vec![4, 5]));
         assert!(
-            p.pack(&mut q, true).expect("pack").is_none(),
+            p.pack("default", &mut q, true).expect("pack").is_none(),
             "nothing left"
         );
     }
@@ -318,7 +326,6 @@ mod tests {
         let mut p = BatchPacker::new(BatchSettings {
             prefix: "up".into(),
             gateway: "gw".into(),
-            stream: "default".into(),
             epoch: 1,
             batch_size: 10,
             linger: Duration::from_secs(1),
@@ -337,14 +344,17 @@ mod tests {
             )
         };
         let mut q = records(0, (0..600).map(json));
-        while let Some(u) = p.pack(&mut q, true).expect("pack") {
+        while let Some(u) = p.pack("default", &mut q, true).expect("pack") {
             let b = crate::wire::decode(&u.payload, &|_| None).expect("no dictionary yet");
             assert_eq!(b.header.dictionary, 0);
         }
         let a = await_announcement(&mut p);
         let id = crate::wire::content_id(&a.payload);
         let mut q = records(600, (600..640).map(json));
-        let u = p.pack(&mut q, true).expect("pack").expect("unit");
+        let u = p
+            .pack("default", &mut q, true)
+            .expect("pack")
+            .expect("unit");
         assert_eq!(
             crate::wire::peek_header(&u.payload)
                 .expect("header")
@@ -359,7 +369,7 @@ mod tests {
         assert_eq!(kept.key, Persisted::KEY);
         let d = Dictionary::new(a.payload.to_vec());
         let lookup = |x: u64| (x == id).then(|| d.clone());
-        while let Some(u) = p.pack(&mut q, true).expect("pack") {
+        while let Some(u) = p.pack("default", &mut q, true).expect("pack") {
             let b = crate::wire::decode(&u.payload, &lookup).expect("decodes with the dictionary");
             assert_eq!(b.header.dictionary, id);
         }
@@ -373,7 +383,7 @@ mod tests {
             if let Some(a) = p.announcement() {
                 break a;
             }
-            if p.pack(&mut q, true).expect("pack").is_none() {
+            if p.pack("default", &mut q, true).expect("pack").is_none() {
                 q = records(5000, (5000..5600).map(log));
             }
             assert!(

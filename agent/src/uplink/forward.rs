@@ -14,9 +14,10 @@
 //! - The socket is always read while writes are pending, so PUBACKs and keep-alive are
 //!   handled even when the link is slow.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,24 +28,20 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
+use super::lanes::{self, Lane};
 use super::pace::{Adapter, Pacer};
 pub use super::packer::{
     upstream_topic, Announcement, MetaWrite, Packer, PassthroughPacker, Seqs, Unit,
 };
 use super::session::{Session, SessionError};
 use crate::config::UpstreamConfig;
-use crate::control::{ControlSettings, Plan};
+use crate::control::{ControlSettings, Degradation, Plan};
 use crate::link::{LinkEvent, LinkFeed, LinkQuality};
-use crate::record::StoredRecord;
+use crate::policy::{Policies, Priority, StreamPolicy};
 use crate::sleep_until_opt;
 use crate::store::{AppendError, Gap, Store, StoreError, StreamId};
 use tokio::sync::watch;
 
-/// The store is read ahead in chunks of at most this many records and bytes: one read
-/// transaction (and one blocking-pool hop) serves many publishes, and memory held for
-/// read-ahead stays small whatever the backlog.
-const READ_CHUNK_RECORDS: usize = 512;
-const READ_CHUNK_BYTES: usize = 256 << 10;
 /// Ack (delete) transactions in flight to the store writer at once.
 const MAX_ACK_COMMITS: usize = 4;
 /// On shutdown, wait this long for outstanding PUBACKs before disconnecting.
@@ -67,7 +64,13 @@ pub struct Forwarder {
     cfg: UpstreamConfig,
     gateway: String,
     store: Store,
-    stream: StreamId,
+    /// One per stream, in the order of the policies' streams.
+    lanes: Vec<Lane>,
+    policies: Arc<Policies>,
+    /// Priorities whose degradable topics are dropped from now on (the plan's).
+    degraded: Degradation,
+    /// Publishes sent so far (orders lanes of one priority: round robin).
+    served: u64,
     packer: Box<dyn Packer>,
     link: LinkFeed,
     /// Link-adaptive pacing (batch mode): the controller's inputs and the link quality.
@@ -94,7 +97,8 @@ pub fn gap_notice(gateway: &str, epoch: u64, stream: &str, g: &Gap) -> String {
 
 /// What a publish awaiting PUBACK carries.
 enum InFlight {
-    Records(Seqs),
+    /// Records of lane `.0`.
+    Records(usize, Seqs),
     Gap(Gap),
     Announcement(u64),
 }
@@ -136,14 +140,22 @@ impl Forwarder {
         cfg: UpstreamConfig,
         gateway: String,
         store: Store,
-        stream: StreamId,
+        streams: Vec<(StreamId, StreamPolicy)>,
+        policies: Arc<Policies>,
         packer: Box<dyn Packer>,
     ) -> Self {
+        let lanes = streams
+            .into_iter()
+            .map(|(id, p)| Lane::new(id, p.name, p.priority, p.drain))
+            .collect();
         Self {
             cfg,
             gateway,
             store,
-            stream,
+            lanes,
+            policies,
+            degraded: Degradation::default(),
+            served: 0,
             packer,
             link: LinkFeed::detached(),
             adapt: None,
@@ -154,7 +166,7 @@ impl Forwarder {
                 batch_size: 1,
                 linger: Duration::ZERO,
                 level: 0,
-                degraded: false,
+                degraded: Degradation::default(),
             }),
         }
     }
@@ -165,7 +177,14 @@ impl Forwarder {
         settings: ControlSettings,
         quality: watch::Receiver<LinkQuality>,
     ) -> Self {
-        let adapter = Adapter::new(settings);
+        let mut adapter = Adapter::new(settings);
+        adapter.set_low_streams(
+            self.lanes
+                .iter()
+                .filter(|l| l.priority == Priority::Low)
+                .map(|l| l.id)
+                .collect(),
+        );
         let plan = adapter.initial();
         self.pacer = Pacer::new(plan);
         self.packer.set_plan(&plan);
@@ -246,14 +265,11 @@ impl Forwarder {
             .local_addr()
             .map_or(0, |a| u64::from(a.port()));
         let mut record_publishes = 0usize;
-        let mut linger_deadline: Option<tokio::time::Instant> = None;
-        let mut linger_expired = false;
-        let mut queue: VecDeque<StoredRecord> = VecDeque::new();
-        let mut cursor: Option<u64> = None;
-        let mut caught_up = false;
+        for lane in &mut self.lanes {
+            lane.reset();
+        }
         let mut committed = self.store.committed();
         committed.borrow_and_update();
-        let mut acked: Vec<u64> = Vec::new();
         // Whether to look for gaps to report (at start, then every tick: evictions are
         // rare, a read per second is plenty).
         let mut gaps_reporting = 0usize;
@@ -318,35 +334,12 @@ impl Forwarder {
                             break;
                         }
                     }
-                    if queue.len() < self.packer.wants() && !caught_up {
-                        match self
-                            .store
-                            .read(self.stream, cursor, READ_CHUNK_RECORDS, READ_CHUNK_BYTES)
-                            .await
-                        {
-                            Ok(chunk) if chunk.is_empty() => caught_up = true,
-                            Ok(chunk) => {
-                                cursor = chunk.last().map(|r| r.seq).or(cursor);
-                                queue.extend(chunk);
-                                continue;
-                            }
-                            Err(e) => break 'session End::Lost(e.into()),
-                        }
-                    }
-                    let flush = caught_up && (linger_expired || self.packer.linger().is_zero());
-                    let unit = match self.packer.pack(&mut queue, flush) {
+                    let unit = match self.next_unit().await {
                         Ok(Some(unit)) => unit,
-                        Ok(None) => {
-                            if caught_up && !queue.is_empty() && linger_deadline.is_none() {
-                                linger_deadline =
-                                    Some(tokio::time::Instant::now() + self.packer.linger());
-                            }
-                            break;
-                        }
+                        Ok(None) => break,
                         Err(e) => break 'session End::Lost(e),
                     };
-                    linger_deadline = None;
-                    linger_expired = false;
+                    let (lane, unit) = unit;
                     let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
                     let bytes = unit.payload.len();
                     let records = match &unit.seqs {
@@ -360,15 +353,28 @@ impl Forwarder {
                     if let Some((adapter, _)) = self.adapt.as_mut() {
                         adapter.sent(records, unit.stored_bytes, bytes);
                     }
-                    inflight.insert(pkid, Pending::new(InFlight::Records(unit.seqs), bytes));
+                    inflight.insert(
+                        pkid,
+                        Pending::new(InFlight::Records(lane, unit.seqs), bytes),
+                    );
                     record_publishes += 1;
                 }
             } else if inflight.is_empty() && s.out.is_empty() {
                 break 'session End::Shutdown(s);
             }
-            if !acked.is_empty() && ack_commits.len() < MAX_ACK_COMMITS {
-                ack_commits.push(self.ack_future(std::mem::take(&mut acked)));
+            for lane in &mut self.lanes {
+                if !lane.acked.is_empty() && ack_commits.len() < MAX_ACK_COMMITS {
+                    let (store, id, seqs) =
+                        (self.store.clone(), lane.id, std::mem::take(&mut lane.acked));
+                    ack_commits.push(Box::pin(async move { store.ack(id, seqs).await }));
+                }
             }
+            let linger_deadline = self
+                .lanes
+                .iter()
+                .filter(|l| !l.linger_expired)
+                .filter_map(|l| l.linger_deadline)
+                .min();
 
             tokio::select! {
                 biased;
@@ -376,7 +382,14 @@ impl Forwarder {
                     drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                 }
                 _ = sleep_until_opt(drain_deadline) => break 'session End::Shutdown(s),
-                _ = sleep_until_opt(linger_deadline), if !linger_expired => linger_expired = true,
+                _ = sleep_until_opt(linger_deadline) => {
+                    let now = tokio::time::Instant::now();
+                    for lane in &mut self.lanes {
+                        if lane.linger_deadline.is_some_and(|d| d <= now) {
+                            lane.linger_expired = true;
+                        }
+                    }
+                }
                 _ = sleep_until_opt(pace_deadline) => pace_deadline = None,
                 packet = s.reader.next() => {
                     last_rx = Instant::now();
@@ -385,7 +398,7 @@ impl Forwarder {
                             pubacks.count += 1;
                             pubacks.rtt_sum += p.queued.elapsed();
                             pubacks.bytes += p.bytes;
-                            if matches!(p.what, InFlight::Records(_)) {
+                            if matches!(p.what, InFlight::Records(..)) {
                                 self.pacer.acked(p.bytes);
                                 if let Some((adapter, _)) = self.adapt.as_mut() {
                                     adapter.acked(p.bytes);
@@ -393,11 +406,13 @@ impl Forwarder {
                             }
                             p.what
                         }) {
-                            Some(InFlight::Records(seqs)) => {
+                            Some(InFlight::Records(lane, seqs)) => {
                                 record_publishes -= 1;
-                                match seqs {
-                                    Seqs::One(seq) => acked.push(seq),
-                                    Seqs::Many(seqs) => acked.extend(seqs),
+                                if let Some(lane) = self.lanes.get_mut(lane) {
+                                    match seqs {
+                                        Seqs::One(seq) => lane.acked.push(seq),
+                                        Seqs::Many(seqs) => lane.acked.extend(seqs),
+                                    }
                                 }
                                 *productive = true;
                             }
@@ -438,11 +453,13 @@ impl Forwarder {
                         tracing::error!(error = %e, "could not delete acknowledged records");
                     }
                 }
-                changed = committed.changed(), if caught_up && drain_deadline.is_none() => {
+                changed = committed.changed(), if drain_deadline.is_none() => {
                     if changed.is_err() {
                         drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                     }
-                    caught_up = false;
+                    for lane in &mut self.lanes {
+                        lane.caught_up = false;
+                    }
                 }
                 _ = tick.tick() => {
                     look_for_gaps = true;
@@ -452,6 +469,10 @@ impl Forwarder {
                         let plan = adapter.tick(q, &self.store.stats());
                         self.pacer.set_plan(plan);
                         self.packer.set_plan(&plan);
+                        if plan.degraded != self.degraded {
+                            tracing::info!(normal = plan.degraded.normal, low = plan.degraded.low, "degradation changed (the link cannot keep up with what arrives)");
+                            self.degraded = plan.degraded;
+                        }
                     }
                     if last_rx.elapsed() > keep_alive + keep_alive / 2 {
                         break 'session End::Lost(SessionError::KeepAliveTimeout(last_rx.elapsed()).into());
@@ -467,8 +488,12 @@ impl Forwarder {
 
         // Whatever was acknowledged must be deleted before the next session re-reads the
         // head, or it would be sent again.
-        if !acked.is_empty() {
-            ack_commits.push(self.ack_future(acked));
+        for lane in &mut self.lanes {
+            if !lane.acked.is_empty() {
+                let (store, id, seqs) =
+                    (self.store.clone(), lane.id, std::mem::take(&mut lane.acked));
+                ack_commits.push(Box::pin(async move { store.ack(id, seqs).await }));
+            }
         }
         while let Some(done) = ack_commits.next().await {
             if let Err(e) = done {
@@ -507,10 +532,37 @@ impl Forwarder {
         }
     }
 
-    fn ack_future(&self, seqs: Vec<u64>) -> AckFuture {
-        let store = self.store.clone();
-        let stream = self.stream;
-        Box::pin(async move { store.ack(stream, seqs).await })
+    /// The next publish and the lane it comes from: lanes in priority order (round
+    /// robin within one), each read ahead until it has a full batch or nothing more;
+    /// a lane whose partial batch waits for its linger lets the next one send. High
+    /// priority never lingers.
+    async fn next_unit(&mut self) -> Result<Option<(usize, Unit)>, UplinkError> {
+        for i in lanes::order(&self.lanes) {
+            let wants = self.packer.wants();
+            let degraded = self.degraded.of(self.lanes[i].priority);
+            let lane = &mut self.lanes[i];
+            while lane.queue.len() < wants && !lane.caught_up {
+                lane.fill(&self.store, &self.policies, degraded).await?;
+            }
+            let no_linger = lane.priority == Priority::High || self.packer.linger().is_zero();
+            let flush = lane.caught_up && (lane.linger_expired || no_linger);
+            match self.packer.pack(&lane.name, &mut lane.queue, flush)? {
+                Some(unit) => {
+                    lane.linger_deadline = None;
+                    lane.linger_expired = false;
+                    self.served += 1;
+                    lane.served = self.served;
+                    return Ok(Some((i, unit)));
+                }
+                None => {
+                    if lane.caught_up && !lane.queue.is_empty() && lane.linger_deadline.is_none() {
+                        lane.linger_deadline =
+                            Some(tokio::time::Instant::now() + self.packer.linger());
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod batch;
 pub mod dictionary;
 pub mod forward;
+pub mod lanes;
 pub mod pace;
 pub mod packer;
 pub mod session;

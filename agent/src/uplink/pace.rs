@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::control::{ControlSettings, Controller, Inputs, Plan};
 use crate::link::LinkQuality;
-use crate::store::StoreStats;
+use crate::store::{StoreStats, StreamId};
 
 /// Rate, window and pause for one session.
 #[derive(Debug)]
@@ -114,7 +114,10 @@ fn cpu_seconds() -> Option<f64> {
 #[derive(Debug)]
 pub struct Adapter {
     controller: Controller,
-    last: Option<(Instant, u64, f64)>,
+    /// Streams of low priority (their arrivals are told apart: low degrades first).
+    low: Vec<StreamId>,
+    /// At the last tick: when, records appended (all, low), CPU seconds.
+    last: Option<(Instant, u64, u64, f64)>,
     stored_sent: f64,
     wire_sent: f64,
     records_sent: f64,
@@ -127,6 +130,7 @@ impl Adapter {
     pub fn new(settings: ControlSettings) -> Self {
         Self {
             controller: Controller::new(settings),
+            low: Vec::new(),
             last: None,
             stored_sent: 0.0,
             wire_sent: 0.0,
@@ -135,6 +139,11 @@ impl Adapter {
             wire_per_record: 0.0,
             acked: 0.0,
         }
+    }
+
+    /// Which streams are low priority.
+    pub fn set_low_streams(&mut self, low: Vec<StreamId>) {
+        self.low = low;
     }
 
     /// The plan before anything is measured.
@@ -157,12 +166,18 @@ impl Adapter {
     pub fn tick(&mut self, link: LinkQuality, stats: &StoreStats) -> Plan {
         let now = Instant::now();
         let appended: u64 = stats.streams.iter().map(|s| s.state.next_seq).sum();
+        let appended_low: u64 = stats
+            .streams
+            .iter()
+            .filter(|s| self.low.contains(&s.id))
+            .map(|s| s.state.next_seq)
+            .sum();
         let backlog: u64 = stats.streams.iter().map(|s| s.state.bytes).sum();
         let records: u64 = stats.streams.iter().map(|s| s.state.count).sum();
         let cpu = cpu_seconds().unwrap_or(0.0);
         let acked = std::mem::take(&mut self.acked);
-        let (ingest_rate, cpu_used, acked_rate) = match self.last {
-            Some((at, prev_appended, prev_cpu)) => {
+        let (ingest_rate, ingest_low, cpu_used, acked_rate) = match self.last {
+            Some((at, prev_appended, prev_low, prev_cpu)) => {
                 let dt = now.saturating_duration_since(at).as_secs_f64().max(1e-3);
                 let per_record = if records > 0 {
                     backlog as f64 / records as f64
@@ -173,13 +188,14 @@ impl Adapter {
                 };
                 (
                     appended.saturating_sub(prev_appended) as f64 * per_record / dt,
+                    appended_low.saturating_sub(prev_low) as f64 * per_record / dt,
                     (cpu - prev_cpu).max(0.0) / dt,
                     acked / dt,
                 )
             }
-            None => (0.0, 0.0, 0.0),
+            None => (0.0, 0.0, 0.0, 0.0),
         };
-        self.last = Some((now, appended, cpu));
+        self.last = Some((now, appended, appended_low, cpu));
         if self.stored_sent > 0.0 {
             // Smoothed over what was sent since the last tick.
             let ratio = self.wire_sent / self.stored_sent;
@@ -198,6 +214,7 @@ impl Adapter {
             link,
             backlog_bytes: backlog,
             ingest_rate,
+            ingest_low,
             wire_ratio: self.wire_ratio,
             wire_per_record: self.wire_per_record,
             cpu: cpu_used,
@@ -218,7 +235,7 @@ mod tests {
             batch_size: 100,
             linger: Duration::from_millis(100),
             level: 3,
-            degraded: false,
+            degraded: Default::default(),
         }
     }
 

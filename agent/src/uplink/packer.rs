@@ -56,10 +56,12 @@ pub trait Packer: Send + std::fmt::Debug {
     fn wants(&self) -> usize;
     /// How long a partial publish may wait for more records once the store is drained.
     fn linger(&self) -> Duration;
-    /// Take records from the front of `queue` for one publish. `flush`: the store is
-    /// drained and the linger has passed, so a partial publish must go now. `None`: wait.
+    /// Take records of `stream` from the front of `queue` for one publish. `flush`:
+    /// the store is drained and the linger has passed, so a partial publish must go
+    /// now. `None`: wait.
     fn pack(
         &mut self,
+        stream: &str,
         queue: &mut VecDeque<StoredRecord>,
         flush: bool,
     ) -> Result<Option<Unit>, UplinkError>;
@@ -92,6 +94,7 @@ impl Packer for PassthroughPacker {
     }
     fn pack(
         &mut self,
+        _stream: &str,
         queue: &mut VecDeque<StoredRecord>,
         _flush: bool,
     ) -> Result<Option<Unit>, UplinkError> {

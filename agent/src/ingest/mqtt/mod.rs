@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use super::IngestError;
 use crate::config::LocalMqttConfig;
-use crate::store::{Store, StreamId};
+use crate::store::Store;
 
 /// Counters of the endpoint.
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +58,8 @@ impl MqttStats {
 pub struct Shared {
     pub cfg: LocalMqttConfig,
     pub store: Store,
-    pub stream: StreamId,
+    /// Which stream each published topic is buffered in.
+    pub routes: crate::ingest::Routes,
     pub router: router::Router,
     pub auth: Option<Arc<auth::PasswordFile>>,
     pub stats: MqttStats,
@@ -107,7 +108,7 @@ impl LocalMqtt {
     pub async fn bind(
         cfg: LocalMqttConfig,
         store: Store,
-        stream: StreamId,
+        routes: crate::ingest::Routes,
     ) -> Result<Self, IngestError> {
         let listen = format!("mqtt://{}", cfg.listen);
         let auth = match &cfg.password_file {
@@ -122,7 +123,7 @@ impl LocalMqtt {
             shared: Arc::new(Shared {
                 cfg,
                 store,
-                stream,
+                routes,
                 router: router::Router::default(),
                 auth,
                 stats: MqttStats::default(),

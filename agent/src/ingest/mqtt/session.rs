@@ -436,9 +436,10 @@ impl Conn {
             origin: self.origin.clone(),
             ts_ms: crate::record::now_ms(),
         };
+        let stream = self.shared.routes.stream(&record.topic);
         if p.qos == 0 {
             // At most once: stored (so it is relayed) but never waited for.
-            if let Err(e) = self.shared.store.submit(self.shared.stream, record).await {
+            if let Err(e) = self.shared.store.submit(stream, record).await {
                 tracing::debug!(error = %e, "QoS 0 publish dropped");
             }
             return Ok(());
@@ -448,7 +449,6 @@ impl Conn {
         }
         let (pkid, qos) = (p.pkid, p.qos);
         let store = self.shared.store.clone();
-        let stream = self.shared.stream;
         let commit: Commit = match self.version {
             // MQTT 5 can say "quota exceeded": one attempt, and the answer goes back.
             Version::V5 => Box::pin(async move { (pkid, qos, store.append(stream, record).await) }),
@@ -578,7 +578,8 @@ impl Conn {
                 origin: self.origin.clone(),
                 ts_ms: crate::record::now_ms(),
             };
-            if let Err(e) = self.shared.store.append(self.shared.stream, record).await {
+            let stream = self.shared.routes.stream(&record.topic);
+            if let Err(e) = self.shared.store.append(stream, record).await {
                 tracing::warn!(error = %e, "will message not stored");
             }
         }
