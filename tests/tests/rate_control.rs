@@ -1,7 +1,7 @@
 //! Link-adaptive upload on the link lab, end to end with a real mosquitto: on a slow,
 //! lossy, long link the agent fills the link with compressed batches without keeping
-//! its queue full. (Rate steps, outages with priorities, degradation and latency under
-//! load — the rest of issue 7 — are not covered yet.)
+//! its queue full. Priorities, degradation and outages have their own files
+//! (priority_latency.rs, degradation.rs, outage_sync.rs).
 
 use std::io::Write;
 use std::net::TcpStream;

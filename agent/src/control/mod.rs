@@ -36,6 +36,8 @@ const CYCLE: [f64; 6] = [1.25, 0.8, 1.0, 1.0, 1.0, 1.0];
 const STARTUP_GAIN: f64 = 2.0;
 /// Slowest rate ever planned, bytes/s (a paused link is `paused`, not rate 0).
 const MIN_RATE: u64 = 2_000;
+/// In-flight time allowed beyond two base RTTs for retransmission stalls.
+const LOSS_ALLOWANCE: Duration = Duration::from_secs(1);
 /// Smallest in-flight window, bytes.
 const MIN_WINDOW: u64 = 16 << 10;
 
@@ -374,16 +376,20 @@ impl Controller {
         let bw = self.bandwidth().max(self.rate);
         // Two bandwidth-delay products of the transport — and enough for the PUBACK
         // round trip, which loss (in-order delivery waits for retransmissions) and big
-        // batches make longer: the window must never be what limits the rate.
-        let window = ((2.0 * bw * base.as_secs_f64()) as u64)
-            .max((1.5 * self.rate * i.link.app_rtt.as_secs_f64()) as u64)
-            .max(MIN_WINDOW);
-        // A batch carries about one RTT (at least 200 ms, at most 2 s) of link time:
-        // big batches on slow links compress better and cost little latency there.
-        let batch_time = i
-            .link
-            .srtt
-            .clamp(Duration::from_millis(200), Duration::from_secs(2));
+        // batches make longer. But the PUBACK round trip also grows with whatever the
+        // window lets queue in the socket (the transport's RTT does not see that
+        // queue): sized by it alone, the window would feed itself. So that part is
+        // capped at `LOSS_ALLOWANCE` over two base RTTs — what a high-priority publish
+        // may find ahead of it.
+        let bdp2 = 2.0 * bw * base.as_secs_f64();
+        let for_pubacks = (1.5 * self.rate * i.link.app_rtt.as_secs_f64())
+            .min(bw * (2.0 * base.as_secs_f64() + LOSS_ALLOWANCE.as_secs_f64()));
+        let window = (bdp2.max(for_pubacks) as u64).max(MIN_WINDOW);
+        // A batch carries about half an RTT (at least 150 ms, at most 1 s) of link
+        // time: big batches on slow links compress better, but a high-priority publish
+        // may find one just queued ahead of it.
+        let batch_time =
+            (i.link.srtt / 2).clamp(Duration::from_millis(150), Duration::from_secs(1));
         let per_record = if i.wire_per_record > 0.0 {
             i.wire_per_record
         } else {

@@ -44,6 +44,9 @@ use tokio::sync::watch;
 
 /// Ack (delete) transactions in flight to the store writer at once.
 const MAX_ACK_COMMITS: usize = 4;
+/// Record publishes are queued only while less than this waits to be written to the
+/// socket.
+const OUT_LIMIT: usize = 16 << 10;
 /// On shutdown, wait this long for outstanding PUBACKs before disconnecting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -326,7 +329,14 @@ impl Forwarder {
                 }
             }
             if drain_deadline.is_none() {
-                while record_publishes < window && pace_deadline.is_none() {
+                // New records only while the socket takes what is queued: with
+                // TCP_NOTSENT_LOWAT it is writable only when little is unsent, so data
+                // waits here, where a high-priority publish can still overtake it,
+                // not in a socket buffer in front of it.
+                while record_publishes < window
+                    && pace_deadline.is_none()
+                    && s.out.len() < OUT_LIMIT
+                {
                     match self.pacer.may_send(Instant::now()) {
                         Ok(()) => {}
                         Err(until) => {
@@ -463,6 +473,9 @@ impl Forwarder {
                 }
                 _ = tick.tick() => {
                     look_for_gaps = true;
+                    for lane in &mut self.lanes {
+                        lane.flush_dropped(&self.store, false).await;
+                    }
                     self.report_link(&s, connection, &mut pubacks);
                     if let Some((adapter, quality)) = self.adapt.as_mut() {
                         let q = *quality.borrow();
@@ -486,6 +499,9 @@ impl Forwarder {
             }
         };
 
+        for lane in &mut self.lanes {
+            lane.flush_dropped(&self.store, true).await;
+        }
         // Whatever was acknowledged must be deleted before the next session re-reads the
         // head, or it would be sent again.
         for lane in &mut self.lanes {

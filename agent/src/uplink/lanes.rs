@@ -28,6 +28,11 @@ use crate::store::{GapReason, Store, StoreError, StreamId};
 /// many publishes, and read-ahead memory stays small whatever the backlog.
 pub const READ_CHUNK_RECORDS: usize = 512;
 pub const READ_CHUNK_BYTES: usize = 256 << 10;
+/// Dropped records are deleted (and reported) in groups of up to this many, or after
+/// `DROP_LINGER`: one gap notice per group, not one per chunk read — on a link too
+/// slow for the data, notices must not eat what sampling saved.
+const DROP_BATCH: usize = 4096;
+const DROP_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug)]
 pub struct Lane {
@@ -51,6 +56,9 @@ pub struct Lane {
     /// Newest-first: seq ranges read, sorted, disjoint, inclusive.
     taken: Vec<(u64, u64)>,
     sampler: Sampler,
+    /// Dropped, not yet deleted; since when.
+    dropped: Dropped,
+    dropped_since: Option<std::time::Instant>,
 }
 
 /// What one fill dropped, per reason.
@@ -76,11 +84,16 @@ impl Lane {
             cursor: None,
             taken: Vec::new(),
             sampler: Sampler::default(),
+            dropped: Dropped::default(),
+            dropped_since: None,
         }
     }
 
-    /// A new session: read everything not deleted again, from scratch.
+    /// A new session: read everything not deleted again, from scratch (records
+    /// dropped but not deleted yet are read again and judged again).
     pub fn reset(&mut self) {
+        self.dropped = Dropped::default();
+        self.dropped_since = None;
         self.queue.clear();
         self.caught_up = false;
         self.linger_deadline = None;
@@ -117,6 +130,34 @@ impl Lane {
         }
         let id = self.id;
         let dropped = self.degrade(chunk, policies, |topic| store.newest(id, topic));
+        if self.dropped_since.is_none()
+            && !(dropped.sampled.is_empty() && dropped.conflated.is_empty())
+        {
+            self.dropped_since = Some(std::time::Instant::now());
+        }
+        self.dropped.sampled.extend(dropped.sampled);
+        self.dropped.conflated.extend(dropped.conflated);
+        if self.dropped.sampled.len() + self.dropped.conflated.len() >= DROP_BATCH {
+            self.delete_dropped(store).await;
+        }
+        Ok(())
+    }
+
+    /// Delete what degradation dropped if it has waited `DROP_LINGER` (or `now`).
+    pub async fn flush_dropped(&mut self, store: &Store, now: bool) {
+        if self
+            .dropped_since
+            .is_some_and(|t| now || t.elapsed() >= DROP_LINGER)
+        {
+            self.delete_dropped(store).await;
+        }
+    }
+
+    /// Delete the dropped records and record them as gaps (one per reason), in one
+    /// commit each.
+    async fn delete_dropped(&mut self, store: &Store) {
+        self.dropped_since = None;
+        let dropped = std::mem::take(&mut self.dropped);
         for (seqs, reason) in [
             (dropped.sampled, GapReason::Sampled),
             (dropped.conflated, GapReason::Conflated),
@@ -132,13 +173,12 @@ impl Lane {
                     reason = reason.as_str(),
                     "degraded: dropped (reported as a gap)"
                 ),
-                // They stay stored and are sent after the next reconnect: nothing lost.
+                // They stay stored and are read again after the next reconnect.
                 Err(e) => {
                     tracing::warn!(stream = %self.name, records = n, error = %e, "could not drop degraded records; they will be sent later")
                 }
             }
         }
-        Ok(())
     }
 
     /// Queue what degradation keeps of `chunk`; return what it drops. `newest`: the seq

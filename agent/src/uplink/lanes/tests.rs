@@ -136,6 +136,7 @@ fn degradation_drops_exactly_what_it_records_as_gaps() {
             lane.fill(&store, &policies, true).await.expect("fill");
             kept.extend(lane.queue.drain(..));
         }
+        lane.flush_dropped(&store, true).await;
         let count = |t: &str| kept.iter().filter(|r| r.record.topic == t).count();
         assert_eq!(count("latest/a"), 1, "only the newest of a conflated topic");
         assert_eq!(count("sample/a"), 3, "one per 10 s");
