@@ -184,3 +184,34 @@ impl Drop for Fleet {
         }
     }
 }
+
+/// A bulk feed: lines of [`payload`] into the TCP line socket at 127.0.0.1:`port` of
+/// `lab`'s gateway side, ~20,000 msg/s offered (far more than a slow link carries),
+/// until the returned flag is set.
+pub fn bulk_feed(lab: &linklab::Lab, port: u16) -> Arc<AtomicBool> {
+    use std::io::Write as _;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let mut conn = lab
+        .run_in(linklab::Side::Gateway, move || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+        })
+        .expect("in the lab")
+        .expect("connect to the agent's socket");
+    std::thread::spawn(move || {
+        let mut n = 0usize;
+        while !stopping.load(Ordering::Relaxed) {
+            let mut chunk = String::new();
+            for _ in 0..100 {
+                chunk.push_str(&payload(n % 200, n, unix_ms()));
+                chunk.push('\n');
+                n += 1;
+            }
+            if conn.write_all(chunk.as_bytes()).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    stop
+}

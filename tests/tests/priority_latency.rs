@@ -3,10 +3,7 @@
 //! messages published meanwhile arrive within 2 s (p99). A Mosquitto bridge on the same
 //! link queued ~3,400 messages in its socket and took 20 s (median).
 
-use std::io::Write;
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use edgerelay_tests::fleet::{self, Device, Fleet};
@@ -15,34 +12,6 @@ use linklab::{spec, Lab, Side};
 
 const FEED_PORT: u16 = 7401;
 const MQTT_PORT: u16 = 7402;
-
-/// Low-priority bulk telemetry, far faster than the link, until stopped.
-fn bulk_feed(lab: &Lab) -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopping = stop.clone();
-    let mut conn = lab
-        .run_in(Side::Gateway, || {
-            TcpStream::connect(("127.0.0.1", FEED_PORT))
-        })
-        .expect("in the lab")
-        .expect("connect to the agent");
-    std::thread::spawn(move || {
-        let mut n = 0usize;
-        while !stopping.load(Ordering::Relaxed) {
-            let mut chunk = String::new();
-            for _ in 0..100 {
-                chunk.push_str(&fleet::payload(n % 200, n, unix_ms()));
-                chunk.push('\n');
-                n += 1;
-            }
-            if conn.write_all(chunk.as_bytes()).is_err() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    });
-    stop
-}
 
 #[test]
 fn high_priority_overtakes_a_saturating_low_priority_backlog() {
@@ -73,7 +42,7 @@ fn high_priority_overtakes_a_saturating_low_priority_backlog() {
     )
     .replace("mode = \"passthrough\"\n", "mode = \"batch\"\n");
     let _agent = Agent::start_in_netns(lab.namespace(Side::Gateway), dir.path(), &cfg);
-    let stop = bulk_feed(&lab);
+    let stop = fleet::bulk_feed(&lab, FEED_PORT);
     // Let the backlog build and the controller find the link.
     sub.wait_for("low-priority batches upstream", SOON, |r| {
         r.iter().any(|m| m.topic == "up/batch/low")

@@ -14,6 +14,13 @@ use linklab::{spec, Dir, Lab, Side};
 
 const FEED_PORT: u16 = 7200;
 
+/// The lab tests here measure goodput: one at a time, not competing for the CPU.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn start(lab: &Lab, dir: &std::path::Path) -> (Mosquitto, Subscriber, Agent) {
     let broker = Mosquitto::start_in(lab.namespace(Side::Central), lab.addr(Side::Central));
     let host = lab.addr(Side::Central).to_string();
@@ -98,6 +105,7 @@ fn goodput(sub: &mut Subscriber, window: Duration) -> (f64, f64) {
 
 #[test]
 fn fills_a_slow_lossy_link_without_keeping_its_queue_full() {
+    let _serial = serial();
     let lab = Lab::builder()
         .up(spec::parse("rate=1mbit,delay=150ms,loss=3%").expect("spec"))
         .down(spec::parse("delay=150ms,loss=3%").expect("spec"))
@@ -125,6 +133,15 @@ fn fills_a_slow_lossy_link_without_keeping_its_queue_full() {
     let c1 = lab.counters(Side::Central).expect("counters");
     let s1 = lab.stats(Dir::Up);
     stop.store(true, Ordering::Relaxed);
+    if std::env::var_os("EDGERELAY_TEST_TRACE").is_some() {
+        for l in agent
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains("uplink plan") || l.contains("link quality"))
+        {
+            eprintln!("{}", &l[11.min(l.len())..]);
+        }
+    }
     let link_per_record = (c1.rx_bytes - c0.rx_bytes) as f64 / (rate * 20.0).max(1.0);
     let capacity = 125_000.0 / link_per_record;
     let quality = agent
@@ -159,4 +176,97 @@ fn fills_a_slow_lossy_link_without_keeping_its_queue_full() {
         dropped * 100 < frames,
         "{dropped} of {frames} frames tail-dropped"
     );
+}
+
+/// Smoothed RTT (ms) in the agent's latest link quality line.
+fn srtt_ms(agent: &Agent) -> f64 {
+    agent
+        .log_lines()
+        .into_iter()
+        .rfind(|l| l.contains("link quality"))
+        .and_then(|l| {
+            l.split(" srtt_ms=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// Goodput as a share of what the link carries: records/s over `window` ÷ (link rate
+/// ÷ link bytes per record), like the 1 Mbit/s test.
+fn utilisation(lab: &Lab, sub: &mut Subscriber, window: Duration, bits: f64) -> f64 {
+    let c0 = lab.counters(Side::Central).expect("counters");
+    let (rate, _) = goodput(sub, window);
+    let c1 = lab.counters(Side::Central).expect("counters");
+    let per_record = (c1.rx_bytes - c0.rx_bytes) as f64 / (rate * window.as_secs_f64()).max(1.0);
+    rate / (bits / 8.0 / per_record)
+}
+
+/// Issue 7 (b). Not yet reliable: over recent runs the step down left the link
+/// 31–100 % used in the 5 s after the first 10 (a standing queue still draining, or
+/// the drain's under-estimate not yet probed away) and the step up 58–100 %; see
+/// docs/operations.md. Run by hand:
+/// `cargo test -p edgerelay-tests --test rate_control -- --ignored --nocapture`.
+#[test]
+#[ignore = "issue 7 (b) open: adaptation within 10 s after a step is not yet reliable"]
+fn follows_rate_steps_within_ten_seconds_each_way() {
+    let _serial = serial();
+    let at = |rate: &str| spec::parse(&format!("rate={rate},delay=50ms")).expect("spec");
+    let lab = Lab::builder()
+        .up(at("2mbit"))
+        .down(spec::parse("delay=50ms").expect("spec"))
+        .seed(9)
+        .start()
+        .expect("lab");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_broker, mut sub, agent) = start(&lab, dir.path());
+    let stop = feed(&lab);
+    wait_until("records upstream", SOON, || {
+        (tally(&mut sub).0 > 0).then_some(())
+    });
+    let settle = Instant::now();
+    wait_until("15 s at 2 Mbit/s", Duration::from_secs(30), || {
+        (settle.elapsed() >= Duration::from_secs(15)).then_some(())
+    });
+    let mut report = Vec::new();
+    for (rate, bits) in [("256kbit", 256e3), ("2mbit", 2e6)] {
+        lab.set(Dir::Up, at(rate));
+        let step = Instant::now();
+        wait_until("10 s after the step", Duration::from_secs(20), || {
+            (step.elapsed() >= Duration::from_secs(10)).then_some(())
+        });
+        let used = utilisation(&lab, &mut sub, Duration::from_secs(5), bits);
+        let srtt = srtt_ms(&agent);
+        eprintln!(
+            "after the step to {rate}: {:.0} % of the link, srtt {srtt:.0} ms",
+            used * 100.0
+        );
+        report.push((rate, used, srtt));
+    }
+    stop.store(true, Ordering::Relaxed);
+    if std::env::var_os("EDGERELAY_TEST_TRACE").is_some() {
+        for l in agent
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains("uplink plan") || l.contains("link quality"))
+        {
+            eprintln!("{}", &l[11.min(l.len())..]);
+        }
+    }
+    // Adapted: ≥ 75 % of the new link carries records in the 5 s after the first 10.
+    // The queue is not kept full: on the way down the lab's buffer alone would hold
+    // 2 s (64 KiB at 256 kbit/s) — what data already in flight at 2 Mbit/s fills, and
+    // the smoothed RTT lags its draining — so < 1 s there; on the way up < 300 ms.
+    for ((rate, used, srtt), max_srtt) in report.into_iter().zip([1_000.0, 300.0]) {
+        assert!(
+            used >= 0.75,
+            "{rate}: only {:.0} % of the link used 10 s after the step",
+            used * 100.0
+        );
+        assert!(
+            srtt < max_srtt,
+            "{rate}: srtt {srtt:.0} ms 10 s after the step: a standing queue"
+        );
+    }
 }

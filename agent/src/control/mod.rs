@@ -30,8 +30,13 @@ const RTT_WINDOW: usize = 30;
 /// standing queue.
 const INFLATION: f64 = 0.25;
 const INFLATION_FIXED: Duration = Duration::from_millis(20);
+/// Gain while a standing queue persists: low enough to empty a 2 s bottleneck buffer
+/// within seconds.
+const DRAIN_GAIN: f64 = 0.5;
+/// While a standing queue persists, the bandwidth is re-measured this often (ticks).
+const REMEASURE_TICKS: u32 = 8;
 /// Gains of the probe-bandwidth cycle, one per tick.
-const CYCLE: [f64; 6] = [1.25, 0.8, 1.0, 1.0, 1.0, 1.0];
+const CYCLE: [f64; 4] = [1.25, 0.8, 1.0, 1.0];
 /// Growth per tick while the bandwidth is unknown (startup).
 const STARTUP_GAIN: f64 = 2.0;
 /// Slowest rate ever planned, bytes/s (a paused link is `paused`, not rate 0).
@@ -140,6 +145,10 @@ pub struct Controller {
     inflated_ticks: u32,
     /// The bandwidth estimate when the last probe started.
     probe_base: f64,
+    /// The kernel's last delivery-rate readings.
+    delivery: VecDeque<f64>,
+    /// Ticks left to send below the bandwidth to empty a standing queue.
+    drain_left: u32,
 }
 
 fn max_of(v: &VecDeque<f64>) -> f64 {
@@ -164,6 +173,8 @@ impl Controller {
             level,
             inflated_ticks: 0,
             probe_base: 0.0,
+            delivery: VecDeque::new(),
+            drain_left: 0,
         }
     }
 
@@ -239,15 +250,28 @@ impl Controller {
             }
         }
         // PUBACKed bytes per second are in the plan's units but stall behind a
-        // retransmission; the kernel's delivery rate does not: take the larger.
-        let sample = i
-            .acked_rate
-            .max(i.link.delivery_rate as f64)
-            .max(if i.acked_rate > 0.0 {
-                0.0
-            } else {
-                i.link.goodput as f64
-            });
+        // retransmission; the kernel's delivery rate does not, but it spikes (stretch
+        // ACKs after a queue): take the larger, the kernel's as the median of its
+        // last three readings.
+        self.delivery.push_back(i.link.delivery_rate as f64);
+        while self.delivery.len() > 3 {
+            self.delivery.pop_front();
+        }
+        let mut recent: Vec<f64> = self.delivery.iter().copied().collect();
+        recent.sort_by(f64::total_cmp);
+        let delivery = recent[recent.len() / 2];
+        let mut sample = if i.acked_rate > 0.0 {
+            i.acked_rate.max(delivery)
+        } else {
+            delivery.max(i.link.goodput as f64)
+        };
+        let severe = !self.base_rtt().is_zero() && i.link.srtt > self.base_rtt() * 2;
+        if (self.inflated_ticks == 1 || self.drain_left > 0 || severe) && self.bandwidth() > 0.0 {
+            // A queue being found or drained: the link carries no more than it did.
+            // (Afterwards the smoothed RTT lags the emptied queue by seconds; samples
+            // count again, or a low re-measurement would stick until it caught up.)
+            sample = sample.min(self.bandwidth());
+        }
         if sample > 0.0 {
             self.bw.push_back(sample);
             while self.bw.len() > BW_WINDOW {
@@ -265,19 +289,32 @@ impl Controller {
             && i.link.srtt.as_secs_f64()
                 > base.as_secs_f64() * (1.0 + INFLATION) + INFLATION_FIXED.as_secs_f64();
         self.inflated_ticks = if inflated { self.inflated_ticks + 1 } else { 0 };
-        if self.inflated_ticks >= 2 {
-            // A queue that persists means the bottleneck got slower: while it exists
-            // the acknowledged rate *is* the bottleneck rate (the kernel's estimate can
-            // run ahead of it); forget the older maxima.
-            let measured = if i.acked_rate > 0.0 {
-                i.acked_rate
-            } else {
-                sample
+        if self.inflated_ticks >= 2 && (self.inflated_ticks - 2).is_multiple_of(REMEASURE_TICKS) {
+            // A queue that persists while less is acknowledged than the estimate says
+            // means the bottleneck got slower: while the queue exists the acknowledged
+            // rate *is* the bottleneck rate; forget the older maxima. Once per episode
+            // (then every few ticks): re-measured every tick, the drain's own lower
+            // rate would be taken for the link's and the rate would spiral down.
+            // Right after a step down both readings still carry data from before it
+            // (PUBACKs of batches already through, the kernel's samples of a busy
+            // second): take the smaller. An under-estimate costs a few seconds until
+            // the next probe finds the room; an over-estimate keeps the queue.
+            let raw = i.link.delivery_rate as f64;
+            let measured = match (i.acked_rate > 0.0, raw > 0.0) {
+                (true, true) => i.acked_rate.min(raw),
+                (true, false) => i.acked_rate,
+                _ => sample,
             };
-            if measured > 0.0 {
+            if measured > 0.0 && measured < 0.9 * self.bandwidth() {
                 self.bw.clear();
                 self.bw.push_back(measured);
             }
+            // Drain for as long as the queue takes to empty at DRAIN_GAIN, not for as
+            // long as the smoothed RTT says: it lags the queue by seconds on a slow
+            // link, and draining on would take the drain's own rate for the link's.
+            let excess = i.link.srtt.saturating_sub(self.base_rtt()).as_secs_f64();
+            self.drain_left =
+                ((excess / (1.0 - DRAIN_GAIN)).ceil() as u32).clamp(1, REMEASURE_TICKS);
         }
         let bw = self.bandwidth();
         // Only a link with data waiting tells its bandwidth: an idle one is app-limited.
@@ -295,18 +332,27 @@ impl Controller {
                     self.cycle = 1; // start by draining what startup queued
                     self.rate = bw.max(MIN_RATE as f64);
                 } else if link_limited {
-                    self.rate = (self.rate * STARTUP_GAIN).max(bw * STARTUP_GAIN);
+                    // Twice what the link was measured to carry, as BBR's startup: growing
+                    // with the measurements, never running off ahead of them.
+                    self.rate = if bw > 0.0 {
+                        bw.max(self.last_bw) * STARTUP_GAIN
+                    } else {
+                        self.rate * STARTUP_GAIN
+                    };
                 }
             }
             Phase::Probe => {
                 // The last probe was delivered in full without a queue: the link has
                 // room to spare; find it quickly again.
+                // Judged on this tick's own readings: the smoothed ones dilute a
+                // one-tick probe below any threshold.
                 let probed = self.cycle % CYCLE.len() == 1;
-                if probed && !inflated && link_limited && sample >= self.probe_base * 1.1 {
+                let now = sample.max(i.link.delivery_rate as f64);
+                if probed && !inflated && link_limited && now >= self.probe_base * 1.1 {
                     self.phase = Phase::Startup;
                     self.startup_stalls = 0;
-                    self.last_bw = sample;
-                    self.rate = sample * STARTUP_GAIN;
+                    self.last_bw = now;
+                    self.rate = now * STARTUP_GAIN;
                 } else {
                     let mut gain = CYCLE[self.cycle % CYCLE.len()];
                     if gain > 1.0 {
@@ -314,7 +360,15 @@ impl Controller {
                     }
                     self.cycle += 1;
                     if inflated {
-                        gain = gain.min(0.75);
+                        // Drain the queue found; then hold at the bandwidth (no probing
+                        // into a queue that may still be there).
+                        let severe = i.link.srtt > base * 2;
+                        if self.drain_left > 0 || severe {
+                            self.drain_left = self.drain_left.saturating_sub(1);
+                            gain = gain.min(DRAIN_GAIN);
+                        } else {
+                            gain = gain.min(1.0);
+                        }
                     }
                     if bw > 0.0 {
                         self.rate = bw * gain;
@@ -373,7 +427,13 @@ impl Controller {
 
     fn plan(&self, i: &Inputs) -> Plan {
         let base = self.base_rtt().max(Duration::from_millis(10));
-        let bw = self.bandwidth().max(self.rate);
+        // What the link was measured to carry, not what startup or a probe asks of it:
+        // a window sized by the asking lets the asking queue up.
+        let bw = if self.bandwidth() > 0.0 {
+            self.bandwidth()
+        } else {
+            self.rate
+        };
         // Two bandwidth-delay products of the transport — and enough for the PUBACK
         // round trip, which loss (in-order delivery waits for retransmissions) and big
         // batches make longer. But the PUBACK round trip also grows with whatever the
@@ -388,14 +448,20 @@ impl Controller {
         // A batch carries about half an RTT (at least 150 ms, at most 1 s) of link
         // time: big batches on slow links compress better, but a high-priority publish
         // may find one just queued ahead of it.
-        let batch_time =
-            (i.link.srtt / 2).clamp(Duration::from_millis(150), Duration::from_secs(1));
+        // By the base RTT: a queue must not make batches (and the next queue) bigger.
+        let batch_time = (base / 2).clamp(Duration::from_millis(150), Duration::from_secs(1));
         let per_record = if i.wire_per_record > 0.0 {
             i.wire_per_record
         } else {
             30.0
         };
-        let records = (self.rate * batch_time.as_secs_f64() / per_record) as usize;
+        // Sized by what the link carries, not by a probe's or startup's rate.
+        let carried = if self.bandwidth() > 0.0 {
+            self.rate.min(self.bandwidth())
+        } else {
+            self.rate
+        };
+        let records = (carried * batch_time.as_secs_f64() / per_record) as usize;
         Plan {
             paused: false,
             rate: self.rate.min(self.cap()) as u64,

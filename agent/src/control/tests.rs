@@ -117,11 +117,12 @@ fn converges_to_the_bottleneck_without_keeping_its_queue_full() {
         "mean rate {mean} after 15 s; warm-up {:?}",
         warmup.iter().map(|(p, _)| p.rate).collect::<Vec<_>>()
     );
-    // Bounded oscillation: the probe/drain cycle stays within ±30 % of the bottleneck.
+    // Bounded oscillation: the probe/drain cycle stays within -50 %/+30 % of the
+    // bottleneck (the drain gain after a probe that queued is 0.5).
     for (p, _) in &steady {
         let r = p.rate as f64 / 125_000.0;
         assert!(
-            (0.7..=1.3).contains(&r),
+            (0.5..=1.3).contains(&r),
             "rate {} oscillates too far",
             p.rate
         );

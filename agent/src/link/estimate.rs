@@ -106,6 +106,8 @@ pub struct Estimator {
     resets: u64,
     stalled: bool,
     app_rtt: Option<f64>,
+    /// Transport readings since the last PUBACK arrived.
+    readings_since_puback: u32,
     acked_since: u64,
     goodput: Option<f64>,
     last_tick: Option<Instant>,
@@ -149,7 +151,12 @@ impl Estimator {
             self.delivery_rate = t.delivery_rate;
         }
         let srtt = Duration::from_secs_f64(self.srtt.unwrap_or(0.0));
+        // PUBACKs still arriving are progress too: during a long loss recovery (a rate
+        // step into a full bottleneck buffer) ACKs may yield no RTT sample — the eBPF
+        // probe's evidence — for seconds while data gets through.
+        self.readings_since_puback = self.readings_since_puback.saturating_add(1);
         self.stalled = t.unacked > 0
+            && self.readings_since_puback > 2
             && t.since_last_ack
                 .is_some_and(|since| since > stall_after(srtt));
         if let Some(prev) = self.last.filter(|p| {
@@ -176,6 +183,7 @@ impl Estimator {
     pub fn puback(&mut self, rtt: Duration, bytes: usize) {
         self.app_rtt = Some(ewma(self.app_rtt, rtt.as_secs_f64()));
         self.acked_since += bytes as u64;
+        self.readings_since_puback = 0;
         if self.source.is_none() || self.source == Some(Source::None) {
             // Without transport data, PUBACKs are the only evidence of progress.
             self.stalled = false;

@@ -482,6 +482,15 @@ impl Forwarder {
                         let plan = adapter.tick(q, &self.store.stats());
                         self.pacer.set_plan(plan);
                         self.packer.set_plan(&plan);
+                        tracing::debug!(
+                            paused = plan.paused,
+                            rate = plan.rate,
+                            window = plan.window,
+                            in_flight = self.pacer.in_flight(),
+                            batch_size = plan.batch_size,
+                            level = plan.level,
+                            "uplink plan"
+                        );
                         if plan.degraded != self.degraded {
                             tracing::info!(normal = plan.degraded.normal, low = plan.degraded.low, "degradation changed (the link cannot keep up with what arrives)");
                             self.degraded = plan.degraded;

@@ -23,6 +23,11 @@ pub struct Pacer {
 }
 
 impl Pacer {
+    /// Wire bytes published and not yet acknowledged.
+    pub fn in_flight(&self) -> u64 {
+        self.inflight_bytes
+    }
+
     pub fn new(plan: Plan) -> Self {
         Self {
             plan,
@@ -124,7 +129,20 @@ pub struct Adapter {
     wire_ratio: f64,
     wire_per_record: f64,
     acked: f64,
+    /// (seconds, bytes acknowledged) of the last `ACKED_TICKS` ticks: PUBACKs come a
+    /// batch at a time, so one second alone says more about batch size than rate.
+    acked_recent: std::collections::VecDeque<(f64, f64)>,
+    /// When each recent PUBACK came and the wire bytes it acknowledged.
+    pubacks: std::collections::VecDeque<(Instant, f64)>,
 }
+
+/// Ticks the acknowledged rate is averaged over when PUBACKs are too few to be timed.
+const ACKED_TICKS: usize = 3;
+/// PUBACKs of this last span time the acknowledged rate...
+const PUBACK_SPAN: Duration = Duration::from_secs(2);
+/// ...when at least this many, over at least `PUBACK_MIN_SPAN`.
+const PUBACK_MIN: usize = 3;
+const PUBACK_MIN_SPAN: Duration = Duration::from_millis(300);
 
 impl Adapter {
     pub fn new(settings: ControlSettings) -> Self {
@@ -138,6 +156,8 @@ impl Adapter {
             wire_ratio: 1.0,
             wire_per_record: 0.0,
             acked: 0.0,
+            acked_recent: std::collections::VecDeque::new(),
+            pubacks: std::collections::VecDeque::new(),
         }
     }
 
@@ -161,6 +181,31 @@ impl Adapter {
     /// The broker acknowledged a publish of `wire` bytes.
     pub fn acked(&mut self, wire: usize) {
         self.acked += wire as f64;
+        self.pubacks.push_back((Instant::now(), wire as f64));
+        if self.pubacks.len() > 256 {
+            self.pubacks.pop_front();
+        }
+    }
+
+    /// Bytes acknowledged per second, timed by the PUBACKs of the last `PUBACK_SPAN`:
+    /// the bytes after the first over the time from the first to the last. With a
+    /// queue at the bottleneck they come at its rate, whatever the batch size (a
+    /// one-second count swings with whether a big batch's PUBACK fell into it).
+    fn puback_rate(&mut self, now: Instant) -> Option<f64> {
+        while self
+            .pubacks
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > PUBACK_SPAN)
+        {
+            self.pubacks.pop_front();
+        }
+        let (first, last) = (self.pubacks.front()?, self.pubacks.back()?);
+        let span = last.0.saturating_duration_since(first.0);
+        if self.pubacks.len() < PUBACK_MIN || span < PUBACK_MIN_SPAN {
+            return None;
+        }
+        let bytes: f64 = self.pubacks.iter().skip(1).map(|(_, b)| b).sum();
+        Some(bytes / span.as_secs_f64())
     }
 
     pub fn tick(&mut self, link: LinkQuality, stats: &StoreStats) -> Plan {
@@ -190,7 +235,17 @@ impl Adapter {
                     appended.saturating_sub(prev_appended) as f64 * per_record / dt,
                     appended_low.saturating_sub(prev_low) as f64 * per_record / dt,
                     (cpu - prev_cpu).max(0.0) / dt,
-                    acked / dt,
+                    {
+                        self.acked_recent.push_back((dt, acked));
+                        while self.acked_recent.len() > ACKED_TICKS {
+                            self.acked_recent.pop_front();
+                        }
+                        let (t, b) = self
+                            .acked_recent
+                            .iter()
+                            .fold((0.0, 0.0), |(t, b), (dt, a)| (t + dt, b + a));
+                        self.puback_rate(now).unwrap_or(b / t.max(1e-3))
+                    },
                 )
             }
             None => (0.0, 0.0, 0.0, 0.0),

@@ -68,6 +68,26 @@ fn outstanding_data_without_acks_is_down() {
 }
 
 #[test]
+fn pubacks_arriving_keep_a_link_without_ack_evidence_up() {
+    let mut e = Estimator::new();
+    e.connected();
+    let mut t = sample(1, 100, 0);
+    t.unacked = 5;
+    t.since_last_ack = Some(Duration::from_secs(3));
+    // A long loss recovery: no RTT-yielding ACK for 3 s, but PUBACKs come in.
+    for _ in 0..5 {
+        e.puback(Duration::from_secs(1), 10_000);
+        e.transport(t);
+        assert!(e.quality().up, "data gets through: not down");
+    }
+    // Then nothing at all: down once the PUBACKs stopped too.
+    e.transport(t);
+    assert!(e.quality().up, "two readings without PUBACK: not yet");
+    e.transport(t);
+    assert!(!e.quality().up, "stalled");
+}
+
+#[test]
 fn pubacks_give_app_rtt_and_goodput() {
     let t0 = Instant::now();
     let mut e = Estimator::new();
