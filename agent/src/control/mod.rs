@@ -265,7 +265,11 @@ impl Controller {
         } else {
             delivery.max(i.link.goodput as f64)
         };
-        let severe = !self.base_rtt().is_zero() && i.link.srtt > self.base_rtt() * 2;
+        // A queue as long again as the path (the fixed allowance keeps a fast LAN's
+        // microsecond jitter from counting), seen on the last tick too.
+        let severe = self.inflated_ticks >= 1
+            && !self.base_rtt().is_zero()
+            && i.link.srtt > self.base_rtt() * 2 + INFLATION_FIXED;
         if (self.inflated_ticks == 1 || self.drain_left > 0 || severe) && self.bandwidth() > 0.0 {
             // A queue being found or drained: the link carries no more than it did.
             // (Afterwards the smoothed RTT lags the emptied queue by seconds; samples
@@ -299,8 +303,10 @@ impl Controller {
             // (PUBACKs of batches already through, the kernel's samples of a busy
             // second): take the smaller. An under-estimate costs a few seconds until
             // the next probe finds the room; an over-estimate keeps the queue.
+            // (The kernel reports ~1 B/s for an idle or application-limited moment:
+            // a reading far below what was acknowledged is no measurement.)
             let raw = i.link.delivery_rate as f64;
-            let measured = match (i.acked_rate > 0.0, raw > 0.0) {
+            let measured = match (i.acked_rate > 0.0, raw > 0.25 * i.acked_rate) {
                 (true, true) => i.acked_rate.min(raw),
                 (true, false) => i.acked_rate,
                 _ => sample,
@@ -362,7 +368,6 @@ impl Controller {
                     if inflated {
                         // Drain the queue found; then hold at the bandwidth (no probing
                         // into a queue that may still be there).
-                        let severe = i.link.srtt > base * 2;
                         if self.drain_left > 0 || severe {
                             self.drain_left = self.drain_left.saturating_sub(1);
                             gain = gain.min(DRAIN_GAIN);
