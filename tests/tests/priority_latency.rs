@@ -1,7 +1,8 @@
 //! Latency under load on the link lab, end to end with a real mosquitto: while a
 //! low-priority backlog saturates a 1 Mbit/s, 150 ms, 3 % loss link, high-priority
-//! messages published meanwhile arrive quickly (target p99 ≤ 2 s; see the assertion). A Mosquitto bridge on the same
-//! link queued ~3,400 messages in its socket and took 20 s (median).
+//! messages published meanwhile arrive quickly (target p99 ≤ 2 s; see the assertion).
+//! A Mosquitto bridge on the same link queued ~3,400 messages in its socket and took
+//! 20 s (median).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
