@@ -31,6 +31,21 @@ pub struct Stats {
     pub frames_out: u64,
     pub bytes_out: u64,
     pub send_errors: u64,
+    /// Queueing delay of the delivered frames, summed (µs): over an interval, divided
+    /// by the frames admitted, the mean standing queue.
+    pub queue_wait_us: u64,
+}
+
+impl Stats {
+    /// Mean queueing delay of the frames admitted between `earlier` and `self`.
+    pub fn mean_queue_wait_since(&self, earlier: &Stats) -> std::time::Duration {
+        let admitted = (self.frames_in - earlier.frames_in)
+            .saturating_sub(self.lost - earlier.lost)
+            .saturating_sub(self.outage_dropped - earlier.outage_dropped)
+            .saturating_sub(self.queue_dropped - earlier.queue_dropped);
+        let us = (self.queue_wait_us - earlier.queue_wait_us) / admitted.max(1);
+        std::time::Duration::from_micros(us)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -43,6 +58,7 @@ struct Counters {
     frames_out: AtomicU64,
     bytes_out: AtomicU64,
     send_errors: AtomicU64,
+    queue_wait_us: AtomicU64,
 }
 
 /// One direction: its model, its delay line and its counters.
@@ -89,6 +105,7 @@ impl Direction {
             frames_out: g(&c.frames_out),
             bytes_out: g(&c.bytes_out),
             send_errors: g(&c.send_errors),
+            queue_wait_us: g(&c.queue_wait_us),
         }
     }
 
@@ -139,7 +156,13 @@ fn receive(rx: &PacketSocket, dir: &Direction, stop: &AtomicBool) {
         let verdict = if buf.get(12..14) == Some(&ETHERTYPE_ARP[..]) {
             Verdict::Deliver(now)
         } else {
-            lock(&dir.model).admit(now, n)
+            let mut model = lock(&dir.model);
+            let verdict = model.admit(now, n);
+            if matches!(verdict, Verdict::Deliver(_)) {
+                let wait = u64::try_from(model.last_wait().as_micros()).unwrap_or(u64::MAX);
+                c.queue_wait_us.fetch_add(wait, Ordering::Relaxed);
+            }
+            verdict
         };
         match verdict {
             Verdict::Drop(Drop::Loss) => c.lost.fetch_add(1, Ordering::Relaxed),

@@ -79,6 +79,8 @@ pub struct LinkModel {
     /// When the serializer finishes what it has been given.
     busy_until: Option<Instant>,
     last_release: Option<Instant>,
+    /// How long the last admitted frame waits in the queue before its serialisation.
+    last_wait: Duration,
 }
 
 impl LinkModel {
@@ -88,6 +90,7 @@ impl LinkModel {
             rng: StdRng::seed_from_u64(seed),
             busy_until: None,
             last_release: None,
+            last_wait: Duration::ZERO,
         }
     }
 
@@ -100,8 +103,15 @@ impl LinkModel {
         self.cond = cond;
     }
 
+    /// The queueing delay of the last frame delivered (zero without a rate): what the
+    /// queue adds to the RTT, the ground truth a sender's RTT inflation estimates.
+    pub fn last_wait(&self) -> Duration {
+        self.last_wait
+    }
+
     /// Decide the fate of a `len`-byte frame arriving at `now`.
     pub fn admit(&mut self, now: Instant, len: usize) -> Verdict {
+        self.last_wait = Duration::ZERO;
         if self.cond.outage {
             return Verdict::Drop(Drop::Outage);
         }
@@ -119,6 +129,7 @@ impl LinkModel {
                 return Verdict::Drop(Drop::QueueFull);
             }
             let start = busy.unwrap_or(now);
+            self.last_wait = start - now;
             let done = start + Duration::from_secs_f64(len as f64 * 8.0 / rate as f64);
             self.busy_until = Some(done);
             sent = done;
@@ -181,7 +192,13 @@ mod tests {
         );
         // 1250 bytes = 10 ms at 1 Mbit/s.
         assert_eq!(m.admit(t0, 1250), Verdict::Deliver(t0 + ms(10)));
+        assert_eq!(m.last_wait(), ms(0));
         assert_eq!(m.admit(t0, 1250), Verdict::Deliver(t0 + ms(20)));
+        assert_eq!(
+            m.last_wait(),
+            ms(10),
+            "waits for the first to be serialised"
+        );
         // 2500 bytes wait: one more of 1250 would exceed 3000.
         assert_eq!(m.admit(t0, 1250), Verdict::Drop(Drop::QueueFull));
         // Later the queue has drained.

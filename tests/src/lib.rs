@@ -821,3 +821,59 @@ impl Drop for Unpack {
         }
     }
 }
+
+/// The central side of a link lab: a real mosquitto in its namespace, and the URL the
+/// gateway side reaches it at.
+#[allow(missing_debug_implementations)]
+pub struct LabCentral {
+    pub broker: Mosquitto,
+    pub url: String,
+    host: String,
+    netns: String,
+}
+
+impl LabCentral {
+    pub fn start(lab: &linklab::Lab) -> Self {
+        let side = linklab::Side::Central;
+        let broker = Mosquitto::start_in(lab.namespace(side), lab.addr(side));
+        Self {
+            broker,
+            url: format!("mqtt://{}:1883", lab.addr(side)),
+            host: lab.addr(side).to_string(),
+            netns: lab.namespace(side).to_owned(),
+        }
+    }
+
+    /// A subscriber on the broker, from inside the central namespace.
+    pub fn subscriber(&self, lab: &linklab::Lab, filter: &str) -> Subscriber {
+        let (host, filter) = (self.host.clone(), filter.to_owned());
+        lab.run_in(linklab::Side::Central, move || {
+            Subscriber::start_at(&host, 1883, &filter)
+        })
+        .expect("in the lab")
+    }
+
+    /// `edgerelay unpack --jsonl` beside the broker (prefix "up").
+    pub fn unpack(&self, state: &Path) -> Unpack {
+        Unpack::start_in_netns(&self.netns, &self.url, "up", state)
+    }
+
+    /// An agent config uploading batches to the broker, with `extra` appended.
+    pub fn batch_config(&self, data_dir: &Path, extra: &str) -> String {
+        agent_config(data_dir, &self.url, extra)
+            .replace("mode = \"passthrough\"\n", "mode = \"batch\"\n")
+    }
+}
+
+/// Print the agent's last `last` rate-controller lines ("uplink plan", "link quality"):
+/// the trace to read when a link-lab figure is off.
+pub fn print_control_trace(agent: &Agent, last: usize) {
+    let lines: Vec<String> = agent
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("uplink plan") || l.contains("link quality"))
+        .collect();
+    for l in &lines[lines.len().saturating_sub(last)..] {
+        eprintln!("{l}");
+    }
+}

@@ -21,31 +21,18 @@ fn gap_notices_match_exactly_what_sampling_and_conflation_dropped() {
         .start()
         .expect("lab");
     let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Mosquitto::start_in(lab.namespace(Side::Central), lab.addr(Side::Central));
-    let url = format!("mqtt://{}:1883", lab.addr(Side::Central));
-    let host = lab.addr(Side::Central).to_string();
-    let mut gaps = lab
-        .run_in(Side::Central, move || {
-            Subscriber::start_at(&host, 1883, "up/gap")
-        })
-        .expect("in the lab");
-    let unpack = Unpack::start_in_netns(
-        lab.namespace(Side::Central),
-        &url,
-        "up",
-        &dir.path().join("unpack.state"),
-    );
-    let cfg = agent_config(
+    let central = LabCentral::start(&lab);
+    let mut gaps = central.subscriber(&lab, "up/gap");
+    let unpack = central.unpack(&dir.path().join("unpack.state"));
+    let cfg = central.batch_config(
         &dir.path().join("data"),
-        &url,
         &format!(
             "{}\n[compression]\ndictionary = \"off\"\n\n\
              [[policy]]\ntopics = [\"sensors/#\"]\nstream = \"sampled\"\npriority = \"low\"\ndegrade = \"sample:2s\"\n\n\
              [[policy]]\ntopics = [\"status/#\"]\nstream = \"latest\"\npriority = \"low\"\ndegrade = \"latest\"\n",
             local_mqtt_section(MQTT_PORT, "[\"#\"]", "")
         ),
-    )
-    .replace("mode = \"passthrough\"\n", "mode = \"batch\"\n");
+    );
     let agent = Agent::start_in_netns(lab.namespace(Side::Gateway), dir.path(), &cfg);
 
     // 1,000 msg/s of ~150-byte payloads: several times what 128 kbit/s carries even
@@ -166,5 +153,5 @@ fn gap_notices_match_exactly_what_sampling_and_conflation_dropped() {
             );
         }
     }
-    drop(broker);
+    drop(central);
 }

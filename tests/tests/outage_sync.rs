@@ -36,31 +36,18 @@ fn ten_minute_outage_then_high_priority_first_and_nothing_lost() {
         .start()
         .expect("lab");
     let dir = tempfile::tempdir().expect("tempdir");
-    let _broker = Mosquitto::start_in(lab.namespace(Side::Central), lab.addr(Side::Central));
-    let url = format!("mqtt://{}:1883", lab.addr(Side::Central));
-    let host = lab.addr(Side::Central).to_string();
-    let mut sub = lab
-        .run_in(Side::Central, move || {
-            Subscriber::start_at(&host, 1883, "up/batch/#")
-        })
-        .expect("in the lab");
-    let unpack = Unpack::start_in_netns(
-        lab.namespace(Side::Central),
-        &url,
-        "up",
-        &dir.path().join("unpack.state"),
-    );
-    let cfg = agent_config(
+    let central = LabCentral::start(&lab);
+    let mut sub = central.subscriber(&lab, "up/batch/#");
+    let unpack = central.unpack(&dir.path().join("unpack.state"));
+    let cfg = central.batch_config(
         &dir.path().join("data"),
-        &url,
         &format!(
             "{}\n[compression]\ndictionary = \"off\"\n\n\
              [[policy]]\ntopics = [\"alarms/#\"]\npriority = \"high\"\ndrain = \"newest-first\"\n\n\
              [[policy]]\ntopics = [\"telemetry/#\"]\npriority = \"low\"\n",
             local_mqtt_section(MQTT_PORT, "[\"#\"]", "")
         ),
-    )
-    .replace("mode = \"passthrough\"\n", "mode = \"batch\"\n");
+    );
     let agent = Agent::start_in_netns(lab.namespace(Side::Gateway), dir.path(), &cfg);
     let devices = (0..200)
         .map(|i| Device {
@@ -148,14 +135,7 @@ fn ten_minute_outage_then_high_priority_first_and_nothing_lost() {
     let capacity = 125_000.0 / per_record;
     let rate = (r1 - r0) as f64 / secs;
     if rate < 0.9 * capacity {
-        let lines: Vec<String> = agent
-            .log_lines()
-            .into_iter()
-            .filter(|l| l.contains("uplink plan") || l.contains("link quality"))
-            .collect();
-        for l in &lines[lines.len().saturating_sub(80)..] {
-            eprintln!("{l}");
-        }
+        print_control_trace(&agent, 80);
     }
     fleet.stop(Duration::from_secs(60));
     let logs = fleet.logs();

@@ -23,16 +23,10 @@ fn high_priority_overtakes_a_saturating_low_priority_backlog() {
         .start()
         .expect("lab");
     let dir = tempfile::tempdir().expect("tempdir");
-    let _broker = Mosquitto::start_in(lab.namespace(Side::Central), lab.addr(Side::Central));
-    let host = lab.addr(Side::Central).to_string();
-    let mut sub = lab
-        .run_in(Side::Central, move || {
-            Subscriber::start_at(&host, 1883, "up/batch/#")
-        })
-        .expect("in the lab");
-    let cfg = agent_config(
+    let central = LabCentral::start(&lab);
+    let mut sub = central.subscriber(&lab, "up/batch/#");
+    let cfg = central.batch_config(
         &dir.path().join("data"),
-        &format!("mqtt://{}:1883", lab.addr(Side::Central)),
         &format!(
             "{}\n[compression]\ndictionary = \"off\"\n\n\
              [[socket]]\nkind = \"tcp\"\nlisten = \"127.0.0.1:{FEED_PORT}\"\nframing = \"lines\"\ntopic = \"bulk\"\n\n\
@@ -40,8 +34,7 @@ fn high_priority_overtakes_a_saturating_low_priority_backlog() {
              [[policy]]\ntopics = [\"bulk\"]\npriority = \"low\"\n",
             local_mqtt_section(MQTT_PORT, "[\"#\"]", "")
         ),
-    )
-    .replace("mode = \"passthrough\"\n", "mode = \"batch\"\n");
+    );
     let _agent = Agent::start_in_netns(lab.namespace(Side::Gateway), dir.path(), &cfg);
     let stop = fleet::bulk_feed(&lab, FEED_PORT);
     // Let the backlog build and the controller find the link.

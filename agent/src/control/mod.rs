@@ -3,13 +3,18 @@
 //! keeps up with the data — from the measured link and the backlog. Pure: no I/O, no
 //! clock (time is the tick).
 //!
-//! BBR-like: the bottleneck bandwidth is the maximum delivery rate of the last
-//! `BW_WINDOW` ticks, the base RTT the minimum smoothed RTT of the last `RTT_WINDOW`
-//! ticks. The send rate is a gain × the bandwidth: a short probe above it (to find
-//! more), a drain below it (to empty the queue the probe made), 1 otherwise. RTT above
-//! the base by more than `INFLATION` means a standing queue — the gain is held below 1
-//! until it is gone: the controller never keeps the bottleneck's buffer full, so data
-//! sent later (high priority) is not stuck behind seconds of queue.
+//! Delay-based, on the bottleneck's queue: the queue delay is the recent RTT (the
+//! smallest sample of the last second) above the base RTT (its minimum over
+//! `RTT_WINDOW` ticks). The queue is the integral of sending faster than the link, so it
+//! is a low-noise signal where the per-second delivery rate is not (loss recovery,
+//! stretch ACKs). Each tick the rate is the measured delivery rate × a gain that removes
+//! half of the queue above `target_queue` within the next tick (at most ×0.5 — a queue
+//! of seconds drains in a few), or offers `PROBE_GAIN` more while the queue is below
+//! it: the bottleneck stays busy with a queue of tens of milliseconds, never full, so
+//! data sent later (high priority) is not stuck behind seconds of it. Startup doubles
+//! the rate each tick until a queue forms or the link stops keeping up; a link that
+//! carries every ask without a queue for `ROOM_TICKS` is asked `ROOM_GAIN` more, and
+//! if it carries that too it got faster: startup again.
 //!
 //! Invariants: the rate never exceeds `max_rate`; a link that is down pauses sending
 //! (ingest goes on into the buffer); after an outage the rate restarts from the last
@@ -22,29 +27,41 @@ use std::time::Duration;
 use crate::link::LinkQuality;
 use crate::policy::Priority;
 
-/// Ticks (seconds) the bandwidth maximum is taken over.
-const BW_WINDOW: usize = 8;
 /// Ticks the base-RTT minimum is taken over.
 const RTT_WINDOW: usize = 30;
-/// A smoothed RTT this much above the base (relative, plus a fixed allowance) is a
-/// standing queue.
+/// A queue delay this much above the base (relative, plus a fixed allowance) is a
+/// standing queue: startup ends there.
 const INFLATION: f64 = 0.25;
 const INFLATION_FIXED: Duration = Duration::from_millis(20);
-/// Gain while a standing queue persists: low enough to empty a 2 s bottleneck buffer
-/// within seconds.
-const DRAIN_GAIN: f64 = 0.5;
-/// While a standing queue persists, the bandwidth is re-measured this often (ticks).
-const REMEASURE_TICKS: u32 = 8;
-/// Gains of the probe-bandwidth cycle, one per tick.
-const CYCLE: [f64; 4] = [1.25, 0.8, 1.0, 1.0];
-/// Growth per tick while the bandwidth is unknown (startup).
+/// The tick, seconds: the queue excess is removed over two of them.
+const TICK: f64 = 1.0;
+/// Lowest gain: a queue of seconds (a step down into a full buffer) drains at half the
+/// link rate.
+const MIN_GAIN: f64 = 0.5;
+/// Gain while the queue is below the target: the link's use grows back from an
+/// under-estimate, by at most 5 % of a tick's worth of queue.
+const PROBE_GAIN: f64 = 1.05;
+/// Ticks with every ask carried and no queue before the ask grows by `ROOM_GAIN`, and
+/// (if that too is carried without a queue) before startup resumes: near the link's
+/// rate a false "room" must cost a small queue, not a doubled rate's full buffer.
+const ROOM_TICKS: u32 = 2;
+const ROOM_GAIN: f64 = 1.25;
+/// Growth per tick in startup.
 const STARTUP_GAIN: f64 = 2.0;
+/// Weight of a new delivery sample in the bandwidth estimate.
+const BW_ALPHA: f64 = 0.2;
 /// Slowest rate ever planned, bytes/s (a paused link is `paused`, not rate 0).
 const MIN_RATE: u64 = 2_000;
 /// In-flight time allowed beyond two base RTTs for retransmission stalls.
 const LOSS_ALLOWANCE: Duration = Duration::from_secs(1);
 /// Smallest in-flight window, bytes.
 const MIN_WINDOW: u64 = 16 << 10;
+
+/// The queue delay aimed for: enough to keep the bottleneck busy between ticks, small
+/// next to the path's RTT.
+fn target_queue(base: Duration) -> Duration {
+    (base / 10).max(Duration::from_millis(20))
+}
 
 /// How the controller is set up (from `[rate]`, `[upstream]`, `[compression]`).
 #[derive(Debug, Clone, PartialEq)]
@@ -125,34 +142,36 @@ impl Degradation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Startup,
-    Probe,
+    Track,
 }
 
 #[derive(Debug)]
 pub struct Controller {
     s: ControlSettings,
-    bw: VecDeque<f64>,
     rtt: VecDeque<Duration>,
     phase: Phase,
-    cycle: usize,
     rate: f64,
-    startup_stalls: u32,
-    last_bw: f64,
+    /// Delivery rate while data waits, smoothed: the bottleneck bandwidth estimate.
+    bw: f64,
+    /// Startup ticks in which the link did not carry the ask.
+    stalls: u32,
+    /// Tracking ticks in which the link carried every ask without a queue.
+    room: u32,
     was_up: bool,
     degraded: Degradation,
     level: i32,
-    /// Consecutive ticks with an inflated RTT.
-    inflated_ticks: u32,
-    /// The bandwidth estimate when the last probe started.
-    probe_base: f64,
     /// The kernel's last delivery-rate readings.
     delivery: VecDeque<f64>,
-    /// Ticks left to send below the bandwidth to empty a standing queue.
-    drain_left: u32,
 }
 
-fn max_of(v: &VecDeque<f64>) -> f64 {
-    v.iter().copied().fold(0.0, f64::max)
+/// The RTT a queue is judged by: the recent unsmoothed one where the link monitor has
+/// it (a drained queue shows at once), else the smoothed one.
+fn rtt_now(l: &LinkQuality) -> Duration {
+    if l.rtt_recent.is_zero() {
+        l.srtt
+    } else {
+        l.rtt_recent
+    }
 }
 
 impl Controller {
@@ -161,20 +180,16 @@ impl Controller {
         let level = s.level;
         Self {
             s,
-            bw: VecDeque::new(),
             rtt: VecDeque::new(),
             phase: Phase::Startup,
-            cycle: 0,
             rate,
-            startup_stalls: 0,
-            last_bw: 0.0,
+            bw: 0.0,
+            stalls: 0,
+            room: 0,
             was_up: false,
             degraded: Degradation::default(),
             level,
-            inflated_ticks: 0,
-            probe_base: 0.0,
             delivery: VecDeque::new(),
-            drain_left: 0,
         }
     }
 
@@ -218,15 +233,35 @@ impl Controller {
 
     /// Bottleneck bandwidth estimate, bytes/s (zero until measured).
     pub fn bandwidth(&self) -> f64 {
-        max_of(&self.bw)
+        self.bw
+    }
+
+    /// What the link delivered over the last tick, bytes/s: the kernel's count of
+    /// bytes delivered (acknowledged or SACKed) as the median of its last three
+    /// readings; PUBACKed bytes per second only without it (they stall behind every
+    /// retransmission). Not the larger of the two: the maximum of two noisy readings
+    /// is biased upwards, and a biased rate keeps a standing queue.
+    fn delivered(&mut self, i: &Inputs) -> f64 {
+        if i.link.delivery_rate > 0 {
+            self.delivery.push_back(i.link.delivery_rate as f64);
+            while self.delivery.len() > 3 {
+                self.delivery.pop_front();
+            }
+        }
+        let mut recent: Vec<f64> = self.delivery.iter().copied().collect();
+        recent.sort_by(f64::total_cmp);
+        match recent.get(recent.len() / 2) {
+            Some(&kernel) if kernel > 0.0 => kernel,
+            _ if i.acked_rate > 0.0 => i.acked_rate,
+            _ => i.link.goodput as f64,
+        }
     }
 
     pub fn tick(&mut self, i: &Inputs) -> Plan {
         if !self.s.adapt {
             return self.fixed();
         }
-        let up = i.link.up;
-        if !up {
+        if !i.link.up {
             self.was_up = false;
             return Plan {
                 paused: true,
@@ -237,147 +272,84 @@ impl Controller {
             // (Re)connected: restart below what the link did before, then grow from
             // the next tick on.
             self.was_up = true;
-            let known = self.bandwidth();
-            if known > 0.0 {
-                self.rate = (known / 2.0)
+            if self.bw > 0.0 {
+                self.rate = (self.bw / 2.0)
                     .max(self.s.initial_rate as f64)
                     .min(self.cap());
                 self.phase = Phase::Startup;
-                self.startup_stalls = 0;
-                self.last_bw = 0.0;
-                self.bw.clear();
+                self.stalls = 0;
+                self.delivery.clear();
                 return self.plan(i);
             }
         }
-        // PUBACKed bytes per second are in the plan's units but stall behind a
-        // retransmission; the kernel's delivery rate does not, but it spikes (stretch
-        // ACKs after a queue): take the larger, the kernel's as the median of its
-        // last three readings.
-        self.delivery.push_back(i.link.delivery_rate as f64);
-        while self.delivery.len() > 3 {
-            self.delivery.pop_front();
-        }
-        let mut recent: Vec<f64> = self.delivery.iter().copied().collect();
-        recent.sort_by(f64::total_cmp);
-        let delivery = recent[recent.len() / 2];
-        let mut sample = if i.acked_rate > 0.0 {
-            i.acked_rate.max(delivery)
-        } else {
-            delivery.max(i.link.goodput as f64)
-        };
-        // A queue as long again as the path (the fixed allowance keeps a fast LAN's
-        // microsecond jitter from counting), seen on the last tick too.
-        let severe = self.inflated_ticks >= 1
-            && !self.base_rtt().is_zero()
-            && i.link.srtt > self.base_rtt() * 2 + INFLATION_FIXED;
-        if (self.inflated_ticks == 1 || self.drain_left > 0 || severe) && self.bandwidth() > 0.0 {
-            // A queue being found or drained: the link carries no more than it did.
-            // (Afterwards the smoothed RTT lags the emptied queue by seconds; samples
-            // count again, or a low re-measurement would stick until it caught up.)
-            sample = sample.min(self.bandwidth());
-        }
-        if sample > 0.0 {
-            self.bw.push_back(sample);
-            while self.bw.len() > BW_WINDOW {
-                self.bw.pop_front();
-            }
-        }
-        if !i.link.srtt.is_zero() {
-            self.rtt.push_back(i.link.srtt);
+        let sample = self.delivered(i);
+        let rtt = rtt_now(&i.link);
+        if !rtt.is_zero() {
+            self.rtt.push_back(rtt);
             while self.rtt.len() > RTT_WINDOW {
                 self.rtt.pop_front();
             }
         }
         let base = self.base_rtt();
-        let inflated = !base.is_zero()
-            && i.link.srtt.as_secs_f64()
+        let queue = rtt.saturating_sub(base).as_secs_f64();
+        let target = target_queue(base).as_secs_f64();
+        let standing = !base.is_zero()
+            && rtt.as_secs_f64()
                 > base.as_secs_f64() * (1.0 + INFLATION) + INFLATION_FIXED.as_secs_f64();
-        self.inflated_ticks = if inflated { self.inflated_ticks + 1 } else { 0 };
-        if self.inflated_ticks >= 2 && (self.inflated_ticks - 2).is_multiple_of(REMEASURE_TICKS) {
-            // A queue that persists while less is acknowledged than the estimate says
-            // means the bottleneck got slower: while the queue exists the acknowledged
-            // rate *is* the bottleneck rate; forget the older maxima. Once per episode
-            // (then every few ticks): re-measured every tick, the drain's own lower
-            // rate would be taken for the link's and the rate would spiral down.
-            // Right after a step down both readings still carry data from before it
-            // (PUBACKs of batches already through, the kernel's samples of a busy
-            // second): take the smaller. An under-estimate costs a few seconds until
-            // the next probe finds the room; an over-estimate keeps the queue.
-            // (The kernel reports ~1 B/s for an idle or application-limited moment:
-            // a reading far below what was acknowledged is no measurement.)
-            let raw = i.link.delivery_rate as f64;
-            let measured = match (i.acked_rate > 0.0, raw > 0.25 * i.acked_rate) {
-                (true, true) => i.acked_rate.min(raw),
-                (true, false) => i.acked_rate,
-                _ => sample,
-            };
-            if measured > 0.0 && measured < 0.9 * self.bandwidth() {
-                self.bw.clear();
-                self.bw.push_back(measured);
-            }
-            // Drain for as long as the queue takes to empty at DRAIN_GAIN, not for as
-            // long as the smoothed RTT says: it lags the queue by seconds on a slow
-            // link, and draining on would take the drain's own rate for the link's.
-            let excess = i.link.srtt.saturating_sub(self.base_rtt()).as_secs_f64();
-            self.drain_left =
-                ((excess / (1.0 - DRAIN_GAIN)).ceil() as u32).clamp(1, REMEASURE_TICKS);
-        }
-        let bw = self.bandwidth();
         // Only a link with data waiting tells its bandwidth: an idle one is app-limited.
         let link_limited = i.backlog_bytes as f64 * i.wire_ratio.clamp(0.0, 1.0) > self.rate;
+        // The link carried (nearly) all of the last tick's ask — judged on this tick's
+        // own reading: the median lags a one-tick ask by two ticks.
+        let now = (i.link.delivery_rate as f64).max(sample);
+        let carried = now >= 0.95 * self.rate;
+        if link_limited && sample > 0.0 {
+            self.bw = if self.bw == 0.0 {
+                sample
+            } else {
+                self.bw + BW_ALPHA * (sample - self.bw)
+            };
+        }
         match self.phase {
             Phase::Startup => {
-                if bw > self.last_bw * 1.25 || !link_limited {
-                    self.startup_stalls = 0;
-                } else {
-                    self.startup_stalls += 1;
+                // Not carried: a stall — once something was measured (the first tick of
+                // a connection delivers little whatever the link).
+                if carried || !link_limited {
+                    self.stalls = 0;
+                } else if sample > 0.0 {
+                    self.stalls += 1;
                 }
-                self.last_bw = self.last_bw.max(bw);
-                if inflated || self.startup_stalls >= 2 {
-                    self.phase = Phase::Probe;
-                    self.cycle = 1; // start by draining what startup queued
-                    self.rate = bw.max(MIN_RATE as f64);
+                if standing || self.stalls >= 2 {
+                    // The link is full: from here on its delivery rate is its bandwidth.
+                    self.phase = Phase::Track;
+                    self.room = 0;
+                    self.bw = sample.max(MIN_RATE as f64);
+                    self.rate = self.bw * gain(queue, target);
                 } else if link_limited {
-                    // Twice what the link was measured to carry, as BBR's startup: growing
-                    // with the measurements, never running off ahead of them.
-                    self.rate = if bw > 0.0 {
-                        bw.max(self.last_bw) * STARTUP_GAIN
+                    // A link that carried the whole ask is measured by the ask (the
+                    // delivery sample lags it by part of a tick).
+                    let known = if carried {
+                        self.rate.max(sample)
                     } else {
-                        self.rate * STARTUP_GAIN
+                        sample
                     };
+                    self.rate = known.max(self.s.initial_rate as f64) * STARTUP_GAIN;
                 }
             }
-            Phase::Probe => {
-                // The last probe was delivered in full without a queue: the link has
-                // room to spare; find it quickly again.
-                // Judged on this tick's own readings: the smoothed ones dilute a
-                // one-tick probe below any threshold.
-                let probed = self.cycle % CYCLE.len() == 1;
-                let now = sample.max(i.link.delivery_rate as f64);
-                if probed && !inflated && link_limited && now >= self.probe_base * 1.1 {
-                    self.phase = Phase::Startup;
-                    self.startup_stalls = 0;
-                    self.last_bw = now;
-                    self.rate = now * STARTUP_GAIN;
+            Phase::Track => {
+                self.room = if link_limited && carried && queue < target / 2.0 {
+                    self.room + 1
                 } else {
-                    let mut gain = CYCLE[self.cycle % CYCLE.len()];
-                    if gain > 1.0 {
-                        self.probe_base = bw;
-                    }
-                    self.cycle += 1;
-                    if inflated {
-                        // Drain the queue found; then hold at the bandwidth (no probing
-                        // into a queue that may still be there).
-                        if self.drain_left > 0 || severe {
-                            self.drain_left = self.drain_left.saturating_sub(1);
-                            gain = gain.min(DRAIN_GAIN);
-                        } else {
-                            gain = gain.min(1.0);
-                        }
-                    }
-                    if bw > 0.0 {
-                        self.rate = bw * gain;
-                    }
+                    0
+                };
+                if self.room > ROOM_TICKS {
+                    // Every ask carried and still no queue: the link got faster.
+                    self.phase = Phase::Startup;
+                    self.stalls = 0;
+                    self.rate = self.rate.max(now) * STARTUP_GAIN;
+                } else if self.room == ROOM_TICKS {
+                    self.rate = self.rate.max(now) * ROOM_GAIN;
+                } else if self.bw > 0.0 {
+                    self.rate = self.bw * gain(queue, target);
                 }
             }
         }
@@ -432,24 +404,17 @@ impl Controller {
 
     fn plan(&self, i: &Inputs) -> Plan {
         let base = self.base_rtt().max(Duration::from_millis(10));
-        // What the link was measured to carry, not what startup or a probe asks of it:
-        // a window sized by the asking lets the asking queue up.
-        let bw = if self.bandwidth() > 0.0 {
-            self.bandwidth()
-        } else {
-            self.rate
-        };
-        // Two bandwidth-delay products of the transport — and enough for the PUBACK
-        // round trip, which loss (in-order delivery waits for retransmissions) and big
-        // batches make longer. But the PUBACK round trip also grows with whatever the
-        // window lets queue in the socket (the transport's RTT does not see that
-        // queue): sized by it alone, the window would feed itself. So that part is
-        // capped at `LOSS_ALLOWANCE` over two base RTTs — what a high-priority publish
-        // may find ahead of it.
-        let bdp2 = 2.0 * bw * base.as_secs_f64();
-        let for_pubacks = (1.5 * self.rate * i.link.app_rtt.as_secs_f64())
-            .min(bw * (2.0 * base.as_secs_f64() + LOSS_ALLOWANCE.as_secs_f64()));
-        let window = (bdp2.max(for_pubacks) as u64).max(MIN_WINDOW);
+        // The pacer steers the queue; the window only bounds what is in flight, and
+        // must let the rate through: sized by the measured bandwidth alone it capped
+        // what could be sent, which capped what was measured (startup stalled at
+        // 16 KiB a round trip).
+        let bw = self.rate.max(self.bandwidth());
+        // Two base RTTs at the rate, and `LOSS_ALLOWANCE` more for the PUBACKs that
+        // wait for a retransmission (in-order delivery) — not sized by the PUBACK round
+        // trip itself, which grows with whatever the window lets queue and would feed
+        // it.
+        let window = ((bw * (2.0 * base.as_secs_f64() + LOSS_ALLOWANCE.as_secs_f64())) as u64)
+            .max(MIN_WINDOW);
         // A batch carries about half an RTT (at least 150 ms, at most 1 s) of link
         // time: big batches on slow links compress better, but a high-priority publish
         // may find one just queued ahead of it.
@@ -479,6 +444,18 @@ impl Controller {
             level: self.level,
             degraded: self.degraded,
         }
+    }
+}
+
+/// The gain on the delivery rate for a queue of `queue` seconds against a target of
+/// `target`: below it, `PROBE_GAIN`; above it, what removes half the excess within the
+/// next tick (the queue integrates the rate error, so correcting more per tick would
+/// overshoot and oscillate), at least `MIN_GAIN`.
+fn gain(queue: f64, target: f64) -> f64 {
+    if queue < target {
+        PROBE_GAIN
+    } else {
+        (1.0 - (queue - target) / (2.0 * TICK)).max(MIN_GAIN)
     }
 }
 

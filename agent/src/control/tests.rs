@@ -24,6 +24,11 @@ struct SimLink {
     queue: f64,
     buffer: f64,
     up: bool,
+    /// Relative swing of the delivery readings (loss recovery, stretch ACKs), 0..1.
+    noise: f64,
+    rng: u64,
+    /// Bytes delivered so far.
+    delivered: f64,
 }
 
 impl SimLink {
@@ -36,6 +41,9 @@ impl SimLink {
             // it does not shrink when the rate steps down).
             buffer: (bw * 0.25).max(65_536.0),
             up: true,
+            noise: 0.0,
+            rng: 0x2545_f491_4f6c_dd1d,
+            delivered: 0.0,
         }
     }
 
@@ -53,15 +61,23 @@ impl SimLink {
         let total = self.queue + offered;
         let delivered = total.min(self.bw);
         self.queue = (total - delivered).min(self.buffer);
+        self.delivered += delivered;
+        // xorshift: a reading off by up to ±noise (the link delivered exactly).
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let u = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
+        let reading = delivered * (1.0 + self.noise * (2.0 * u - 1.0));
         LinkQuality {
             source: Source::TcpInfo,
             up: self.up,
             srtt: self.base + self.queue_delay(),
             rttvar: Duration::ZERO,
+            rtt_recent: self.base + self.queue_delay(),
             loss: 0.0,
             resets: 0,
-            delivery_rate: delivered as u64,
-            goodput: delivered as u64,
+            delivery_rate: reading as u64,
+            goodput: reading as u64,
             app_rtt: self.base,
         }
     }
@@ -131,6 +147,31 @@ fn converges_to_the_bottleneck_without_keeping_its_queue_full() {
     assert!(worst <= Duration::from_millis(400), "queue up to {worst:?}");
     let mean_queue = steady.iter().map(|(_, q)| q.as_secs_f64()).sum::<f64>() / steady.len() as f64;
     assert!(mean_queue < 0.15, "mean standing queue {mean_queue} s");
+}
+
+#[test]
+fn noisy_delivery_readings_neither_idle_the_link_nor_fill_its_queue() {
+    // 1 Mbit/s, 300 ms RTT, readings off by up to ±40 % every second (what a 3 %-loss
+    // link's one-second delivery counts do): the queue, not the readings, steers.
+    let mut link = SimLink::new(125_000.0, 300);
+    link.noise = 0.4;
+    let mut c = Controller::new(settings());
+    run(&mut c, &mut link, 20);
+    let before = link.delivered;
+    let steady = run(&mut c, &mut link, 60);
+    let busy = (link.delivered - before) / (125_000.0 * 60.0);
+    let mean_queue = steady.iter().map(|(_, q)| q.as_secs_f64()).sum::<f64>() / steady.len() as f64;
+    assert!(
+        busy >= 0.9,
+        "the link busy only {:.0} % of the time",
+        busy * 100.0
+    );
+    assert!(mean_queue < 0.2, "mean standing queue {mean_queue:.3} s");
+    let worst = steady.iter().map(|(_, q)| *q).max().expect("ticks");
+    assert!(
+        worst < Duration::from_millis(500),
+        "queue up to {worst:?} (full: 524 ms)"
+    );
 }
 
 #[test]

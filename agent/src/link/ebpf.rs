@@ -17,8 +17,8 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use aya::programs::{BtfTracePoint, CgroupAttachMode, SockOps};
 use aya::{Btf, Ebpf};
 use edgerelay_probe_common::{
-    ConnStats, Target, CONNS_MAP, RECEIVE_RESET_PROG, RETRANSMIT_PROG, SEND_RESET_PROG,
-    SOCKOPS_PROG, TARGET_MAP,
+    ConnStats, Target, CONNS_MAP, RECEIVE_RESET_PROG, RETRANSMIT_PROG, RTT_MIN_WINDOW_NS,
+    SEND_RESET_PROG, SOCKOPS_PROG, TARGET_MAP,
 };
 
 use super::estimate::{Source, Transport};
@@ -53,8 +53,6 @@ pub struct Probe {
     pub missing: Vec<String>,
     /// Whether refused connects are counted here (tcp_receive_reset attached).
     pub counts_resets: bool,
-    last_acked: Option<(u64, u64, u64)>,
-    delivery_rate: u64,
 }
 
 impl std::fmt::Debug for Probe {
@@ -129,8 +127,6 @@ impl Probe {
             resets_seen: HashMap::new(),
             missing: Vec::new(),
             counts_resets: false,
-            last_acked: None,
-            delivery_rate: 0,
         };
         probe.set_target(target)?;
         let btf = match Btf::from_sys_fs() {
@@ -230,26 +226,38 @@ impl Probe {
             }
         }
         let sample = current.map(|(cookie, s)| {
-            // Delivery rate from acknowledged bytes between reads of one connection.
-            if let Some((c, acked, at)) = self.last_acked {
-                if c == cookie && s.bytes_acked >= acked && now_ns > at {
-                    let secs = (now_ns - at) as f64 / 1e9;
-                    self.delivery_rate = ((s.bytes_acked - acked) as f64 / secs) as u64;
-                }
-            }
-            self.last_acked = Some((cookie, s.bytes_acked, now_ns));
             Transport {
                 source: Source::Ebpf,
                 connection: cookie,
                 srtt: Duration::from_micros(s.srtt_us),
                 rttvar: Duration::from_micros(s.rttvar_us),
+                rtt_recent: recent_min_rtt(&s, now_ns),
                 segs_out: s.data_segs_out,
                 retrans: s.total_retrans,
-                delivery_rate: self.delivery_rate,
+                // The delivery rate comes from TCP_INFO's counter (the monitor): the
+                // map's moves only with RTT samples, which a loss recovery starves.
+                delivery_rate: 0,
+                bytes_acked: s.bytes_acked,
                 unacked: u32::try_from(s.packets_out).unwrap_or(u32::MAX),
                 since_last_ack: Some(Duration::from_nanos(now_ns.saturating_sub(s.last_ack_ns))),
             }
         });
         Ok((sample, new_resets))
     }
+}
+
+/// The smallest RTT sample of the last one to two windows (about a second), or zero
+/// when no sample came in the last second (idle, or stalled: nothing to judge by).
+fn recent_min_rtt(s: &ConnStats, now_ns: u64) -> Duration {
+    if s.rtt_min_us == 0 || now_ns.saturating_sub(s.last_ack_ns) > 2 * RTT_MIN_WINDOW_NS {
+        return Duration::ZERO;
+    }
+    // The window before the current one counts while it ended less than a window ago.
+    let min =
+        if now_ns.saturating_sub(s.rtt_min_start_ns) < RTT_MIN_WINDOW_NS && s.rtt_min_prev_us > 0 {
+            s.rtt_min_us.min(s.rtt_min_prev_us)
+        } else {
+            s.rtt_min_us
+        };
+    Duration::from_micros(min)
 }

@@ -41,12 +41,17 @@ pub struct Transport {
     pub connection: u64,
     pub srtt: Duration,
     pub rttvar: Duration,
+    /// The smallest RTT sample of about the last second (eBPF), or the kernel's srtt
+    /// as read (TCP_INFO); zero: no sample lately.
+    pub rtt_recent: Duration,
     /// Segments sent, cumulative.
     pub segs_out: u64,
     /// Segments retransmitted, cumulative.
     pub retrans: u64,
     /// The kernel's delivery-rate estimate, bytes/s (0: unknown).
     pub delivery_rate: u64,
+    /// Bytes the peer has received: cumulatively acknowledged plus SACKed (0: unknown).
+    pub bytes_acked: u64,
     /// Segments sent and not yet acknowledged.
     pub unacked: u32,
     /// Time since the last ACK arrived (None: unknown).
@@ -61,6 +66,11 @@ pub struct LinkQuality {
     /// Smoothed transport RTT (zero until measured).
     pub srtt: Duration,
     pub rttvar: Duration,
+    /// The RTT now, unsmoothed: the smallest sample of about the last second (eBPF) or
+    /// the kernel's smoothed RTT as last read (TCP_INFO); zero when unknown. What the
+    /// rate controller judges a queue by: `srtt` lags a drained queue by seconds on a
+    /// slow link.
+    pub rtt_recent: Duration,
     /// Retransmitted / sent segments, smoothed (0..1).
     pub loss: f64,
     /// Connection resets and refused connections seen, cumulative.
@@ -99,6 +109,7 @@ pub struct Estimator {
     last: Option<Transport>,
     srtt: Option<f64>,
     rttvar: Option<f64>,
+    rtt_recent: Duration,
     loss: Option<f64>,
     /// Segments counted into `loss` so far (the window fills up first).
     window_segs: f64,
@@ -111,6 +122,11 @@ pub struct Estimator {
     acked_since: u64,
     goodput: Option<f64>,
     last_tick: Option<Instant>,
+    /// The last acknowledged-bytes reading: connection, bytes, when.
+    acked_reading: Option<(u64, u64, Instant)>,
+    /// Whether the delivery rate comes from those readings (they beat the kernel's
+    /// per-ACK estimate, which swings with every stretch ACK and loss recovery).
+    delivery_from_counter: bool,
 }
 
 impl Estimator {
@@ -127,6 +143,7 @@ impl Estimator {
     pub fn disconnected(&mut self, reset: bool) {
         self.connected = false;
         self.last = None;
+        self.rtt_recent = Duration::ZERO;
         if reset {
             self.resets += 1;
         }
@@ -147,7 +164,8 @@ impl Estimator {
             self.srtt = Some(ewma_rtt(self.srtt, t.srtt.as_secs_f64()));
             self.rttvar = Some(ewma_rtt(self.rttvar, t.rttvar.as_secs_f64()));
         }
-        if t.delivery_rate > 0 {
+        self.rtt_recent = t.rtt_recent;
+        if t.delivery_rate > 0 && !self.delivery_from_counter {
             self.delivery_rate = t.delivery_rate;
         }
         let srtt = Duration::from_secs_f64(self.srtt.unwrap_or(0.0));
@@ -177,6 +195,26 @@ impl Estimator {
             }
         }
         self.last = Some(t);
+    }
+
+    /// A reading of the connection's acknowledged bytes (TCP_INFO, whatever the source
+    /// of the rest: the eBPF probe's counters move only with RTT samples, which a loss
+    /// recovery starves): the delivery rate is their growth over the time between
+    /// readings of one connection.
+    pub fn acked_bytes(&mut self, connection: u64, bytes_acked: u64, now: Instant) {
+        if bytes_acked == 0 {
+            return;
+        }
+        if let Some((c, bytes, at)) = self.acked_reading {
+            let secs = now.saturating_duration_since(at).as_secs_f64();
+            if c == connection && bytes_acked >= bytes && secs >= 0.2 {
+                self.delivery_rate = ((bytes_acked - bytes) as f64 / secs) as u64;
+                self.delivery_from_counter = true;
+            } else if c == connection && secs < 0.2 {
+                return; // too close to the last one to time
+            }
+        }
+        self.acked_reading = Some((connection, bytes_acked, now));
     }
 
     /// A PUBACK arrived `rtt` after its publish was queued, acknowledging `bytes`.
@@ -210,6 +248,7 @@ impl Estimator {
             up: self.connected && !self.stalled,
             srtt: Duration::from_secs_f64(self.srtt.unwrap_or(0.0)),
             rttvar: Duration::from_secs_f64(self.rttvar.unwrap_or(0.0)),
+            rtt_recent: self.rtt_recent,
             loss,
             resets: self.resets,
             delivery_rate: if self.delivery_rate > 0 {

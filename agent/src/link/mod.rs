@@ -153,6 +153,7 @@ impl Monitor {
                         up = q.up,
                         srtt_ms = q.srtt.as_secs_f64() * 1e3,
                         rttvar_ms = q.rttvar.as_secs_f64() * 1e3,
+                        rtt_recent_ms = q.rtt_recent.as_secs_f64() * 1e3,
                         loss = q.loss,
                         resets = q.resets,
                         delivery_rate = q.delivery_rate,
@@ -245,8 +246,12 @@ impl Monitor {
                 self.estimator.disconnected(refused && !probe_counts_resets)
             }
             LinkEvent::Transport(t) => {
-                if self.cfg.probe != ProbeSetting::Off && self.probe.is_none() {
-                    self.estimator.transport(t);
+                if self.cfg.probe != ProbeSetting::Off {
+                    self.estimator
+                        .acked_bytes(t.connection, t.bytes_acked, Instant::now());
+                    if self.probe.is_none() {
+                        self.estimator.transport(t);
+                    }
                 }
             }
             LinkEvent::Pubacks {

@@ -98,14 +98,21 @@ pub struct StreamPolicy {
     pub drain: Drain,
 }
 
-/// All policies, in file order (`[[policy]]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// All policies, in file order (`[[policy]]`). Only built by [`Policies::new`] (also
+/// behind `Default`): it always has the `default` stream, which routing falls back to.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policies {
     list: Vec<Policy>,
     /// Distinct streams, the default one last; index = position.
     streams: Vec<StreamPolicy>,
     /// Stream index of each policy.
     stream_of_policy: Vec<usize>,
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl Policies {

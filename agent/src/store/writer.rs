@@ -371,17 +371,7 @@ impl Writer {
                 reply,
             } => {
                 for seq in seqs {
-                    let removed = t.records.remove((stream.0, seq))?.map(|v| v.value().len());
-                    if let Some(len) = removed {
-                        let cost = retention::entry_cost(len);
-                        if let Some(s) = work.streams.get_mut(&stream.0) {
-                            s.state.count = s.state.count.saturating_sub(1);
-                            s.state.bytes = s.state.bytes.saturating_sub(cost);
-                        }
-                        work.used = work.used.saturating_sub(cost);
-                        fx.freed = true;
-                        fx.touched.push(stream.0);
-                    }
+                    remove_record(work, t, stream.0, seq, fx)?;
                 }
                 Reply::Ack(reply)
             }
@@ -470,15 +460,9 @@ impl Writer {
     ) -> Result<u64, redb::Error> {
         let (mut first, mut last, mut count) = (u64::MAX, 0u64, 0u64);
         for &seq in seqs {
-            let Some(len) = t.records.remove((stream, seq))?.map(|v| v.value().len()) else {
+            if !remove_record(work, t, stream, seq, fx)? {
                 continue;
-            };
-            let cost = retention::entry_cost(len);
-            if let Some(s) = work.streams.get_mut(&stream) {
-                s.state.count = s.state.count.saturating_sub(1);
-                s.state.bytes = s.state.bytes.saturating_sub(cost);
             }
-            work.used = work.used.saturating_sub(cost);
             first = first.min(seq);
             last = last.max(seq);
             count += 1;
@@ -495,8 +479,6 @@ impl Writer {
                 .encode()
                 .as_slice(),
             )?;
-            fx.freed = true;
-            fx.touched.push(stream);
         }
         Ok(count)
     }
@@ -663,6 +645,28 @@ impl Writer {
         }
         Ok(cost)
     }
+}
+
+/// Delete one stored record (if still there) and account for it; true if it was.
+fn remove_record(
+    work: &mut State,
+    t: &mut Tables<'_>,
+    stream: u16,
+    seq: u64,
+    fx: &mut Effects,
+) -> Result<bool, redb::Error> {
+    let Some(len) = t.records.remove((stream, seq))?.map(|v| v.value().len()) else {
+        return Ok(false);
+    };
+    let cost = retention::entry_cost(len);
+    if let Some(s) = work.streams.get_mut(&stream) {
+        s.state.count = s.state.count.saturating_sub(1);
+        s.state.bytes = s.state.bytes.saturating_sub(cost);
+    }
+    work.used = work.used.saturating_sub(cost);
+    fx.freed = true;
+    fx.touched.push(stream);
+    Ok(true)
 }
 
 struct Tables<'txn> {

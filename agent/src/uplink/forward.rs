@@ -74,6 +74,8 @@ pub struct Forwarder {
     degraded: Degradation,
     /// Publishes sent so far (orders lanes of one priority: round robin).
     served: u64,
+    /// Lane order for the next publish (kept to avoid an allocation per publish).
+    order: Vec<usize>,
     packer: Box<dyn Packer>,
     link: LinkFeed,
     /// Link-adaptive pacing (batch mode): the controller's inputs and the link quality.
@@ -159,6 +161,7 @@ impl Forwarder {
             policies,
             degraded: Degradation::default(),
             served: 0,
+            order: Vec::new(),
             packer,
             link: LinkFeed::detached(),
             adapt: None,
@@ -333,18 +336,24 @@ impl Forwarder {
                 // TCP_NOTSENT_LOWAT it is writable only when little is unsent, so data
                 // waits here, where a high-priority publish can still overtake it,
                 // not in a socket buffer in front of it.
+                // High priority is not held back by the pacer or the window, only by
+                // the socket: it is what the link must carry first (its bytes still
+                // count, so the rest yields to it). A publish beyond the window is
+                // never more than the socket takes.
+                // While the link is down nothing is sent.
                 while record_publishes < window
-                    && pace_deadline.is_none()
                     && s.out.len() < OUT_LIMIT
+                    && !self.pacer.plan().paused
                 {
-                    match self.pacer.may_send(Instant::now()) {
-                        Ok(()) => {}
-                        Err(until) => {
-                            pace_deadline = until.map(tokio::time::Instant::from_std);
-                            break;
-                        }
-                    }
-                    let unit = match self.next_unit().await {
+                    let only_high = pace_deadline.is_some()
+                        || match self.pacer.may_send(Instant::now()) {
+                            Ok(()) => false,
+                            Err(until) => {
+                                pace_deadline = until.map(tokio::time::Instant::from_std);
+                                true
+                            }
+                        };
+                    let unit = match self.next_unit(only_high).await {
                         Ok(Some(unit)) => unit,
                         Ok(None) => break,
                         Err(e) => break 'session End::Lost(e),
@@ -374,9 +383,7 @@ impl Forwarder {
             }
             for lane in &mut self.lanes {
                 if !lane.acked.is_empty() && ack_commits.len() < MAX_ACK_COMMITS {
-                    let (store, id, seqs) =
-                        (self.store.clone(), lane.id, std::mem::take(&mut lane.acked));
-                    ack_commits.push(Box::pin(async move { store.ack(id, seqs).await }));
+                    ack_commits.push(ack_future(&self.store, lane));
                 }
             }
             let linger_deadline = self
@@ -463,7 +470,9 @@ impl Forwarder {
                         tracing::error!(error = %e, "could not delete acknowledged records");
                     }
                 }
-                changed = committed.changed(), if drain_deadline.is_none() => {
+                // Only a lane that read everything needs telling (as before lanes: no
+                // wake-up per commit while there is still a backlog to read).
+                changed = committed.changed(), if drain_deadline.is_none() && self.lanes.iter().any(|l| l.caught_up) => {
                     if changed.is_err() {
                         drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                     }
@@ -515,9 +524,7 @@ impl Forwarder {
         // head, or it would be sent again.
         for lane in &mut self.lanes {
             if !lane.acked.is_empty() {
-                let (store, id, seqs) =
-                    (self.store.clone(), lane.id, std::mem::take(&mut lane.acked));
-                ack_commits.push(Box::pin(async move { store.ack(id, seqs).await }));
+                ack_commits.push(ack_future(&self.store, lane));
             }
         }
         while let Some(done) = ack_commits.next().await {
@@ -561,8 +568,14 @@ impl Forwarder {
     /// robin within one), each read ahead until it has a full batch or nothing more;
     /// a lane whose partial batch waits for its linger lets the next one send. High
     /// priority never lingers.
-    async fn next_unit(&mut self) -> Result<Option<(usize, Unit)>, UplinkError> {
-        for i in lanes::order(&self.lanes) {
+    /// `only_high`: high-priority lanes only (the pacer holds the rest back).
+    async fn next_unit(&mut self, only_high: bool) -> Result<Option<(usize, Unit)>, UplinkError> {
+        lanes::order(&self.lanes, &mut self.order);
+        for k in 0..self.order.len() {
+            let i = self.order[k];
+            if only_high && self.lanes[i].priority != Priority::High {
+                break;
+            }
             let wants = self.packer.wants();
             let degraded = self.degraded.of(self.lanes[i].priority);
             let lane = &mut self.lanes[i];
@@ -589,6 +602,12 @@ impl Forwarder {
         }
         Ok(None)
     }
+}
+
+/// Delete what `lane`'s acknowledged publishes carried (taking them from the lane).
+fn ack_future(store: &Store, lane: &mut Lane) -> AckFuture {
+    let (store, id, seqs) = (store.clone(), lane.id, std::mem::take(&mut lane.acked));
+    Box::pin(async move { store.ack(id, seqs).await })
 }
 
 /// Whether a lost session was reset by the peer.

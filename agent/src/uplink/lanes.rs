@@ -280,12 +280,13 @@ impl Lane {
     }
 }
 
-/// Lane indices in the order they are offered the next publish: highest priority
-/// first, then the one served longest ago.
-pub fn order(lanes: &[Lane]) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..lanes.len()).collect();
-    idx.sort_by_key(|&i| (lanes[i].priority, lanes[i].served));
-    idx
+/// Fill `order` with lane indices in the order they are offered the next publish:
+/// highest priority first, then the one served longest ago. (A buffer the caller keeps:
+/// in passthrough mode this runs once per message.)
+pub fn order(lanes: &[Lane], order: &mut Vec<usize>) {
+    order.clear();
+    order.extend(0..lanes.len());
+    order.sort_unstable_by_key(|&i| (lanes[i].priority, lanes[i].served));
 }
 
 #[cfg(test)]

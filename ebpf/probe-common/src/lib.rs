@@ -57,7 +57,17 @@ pub struct ConnStats {
     /// bpf_ktime_get_ns() of the last ACK (RTT sample) and of the last update.
     pub last_ack_ns: u64,
     pub updated_ns: u64,
+    /// The smallest RTT sample (µs) of the current window of `RTT_MIN_WINDOW_NS`, which
+    /// began at `rtt_min_start_ns`, and of the window before it. The smoothed RTT lags a
+    /// queue that has gone by seconds on a slow link; the minimum of the last samples
+    /// does not (a queue delays every packet, so its minimum is the queue's floor).
+    pub rtt_min_us: u64,
+    pub rtt_min_prev_us: u64,
+    pub rtt_min_start_ns: u64,
 }
+
+/// Length of one RTT-minimum window (ConnStats::rtt_min_us).
+pub const RTT_MIN_WINDOW_NS: u64 = 500_000_000;
 
 #[cfg(feature = "user")]
 mod user {

@@ -25,7 +25,7 @@ use aya_ebpf::helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, 
 use aya_ebpf::macros::{btf_tracepoint, map, sock_ops};
 use aya_ebpf::maps::{Array, LruHashMap};
 use aya_ebpf::programs::{BtfTracePointContext, SockOpsContext};
-use edgerelay_probe_common::{ConnStats, Target};
+use edgerelay_probe_common::{ConnStats, Target, RTT_MIN_WINDOW_NS};
 
 #[map(name = "TARGET")]
 static TARGET: Array<Target> = Array::with_max_entries(1, 0);
@@ -123,6 +123,20 @@ pub fn edgerelay_sockops(ctx: SockOpsContext) -> u32 {
                 s.rttvar_us - s.rttvar_us / 4 + dev / 4
             };
             s.rtt_samples += 1;
+            let age = now.saturating_sub(s.rtt_min_start_ns);
+            if age >= RTT_MIN_WINDOW_NS {
+                // The window before counts only if it just ended: after a pause in the
+                // samples it says nothing of now.
+                s.rtt_min_prev_us = if age < 2 * RTT_MIN_WINDOW_NS {
+                    s.rtt_min_us
+                } else {
+                    0
+                };
+                s.rtt_min_us = sample;
+                s.rtt_min_start_ns = now;
+            } else if sample < s.rtt_min_us {
+                s.rtt_min_us = sample;
+            }
             s.last_ack_ns = now;
             refresh(&ctx, s, now);
         }

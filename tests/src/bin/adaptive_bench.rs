@@ -101,16 +101,11 @@ fn run(mode: Mode) -> Outcome {
         .start()
         .expect("lab (needs root)");
     let dir = tempfile::tempdir().expect("tempdir");
-    let _broker = Mosquitto::start_in(lab.namespace(Side::Central), lab.addr(Side::Central));
-    let host = lab.addr(Side::Central).to_string();
-    let mut sub = lab
-        .run_in(Side::Central, move || {
-            Subscriber::start_at(&host, 1883, "up/#")
-        })
-        .expect("in the lab");
+    let central = LabCentral::start(&lab);
+    let mut sub = central.subscriber(&lab, "up/#");
     let mut cfg = agent_config(
         &dir.path().join("data"),
-        &format!("mqtt://{}:1883", lab.addr(Side::Central)),
+        &central.url,
         &format!(
             "{}\n[compression]\ndictionary = \"off\"\n{}\n\
              [[socket]]\nkind = \"tcp\"\nlisten = \"127.0.0.1:{FEED_PORT}\"\nframing = \"lines\"\ntopic = \"bulk\"\n\n\

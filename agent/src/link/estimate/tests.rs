@@ -8,9 +8,11 @@ fn sample(conn: u64, segs: u64, retrans: u64) -> Transport {
         connection: conn,
         srtt: Duration::from_millis(200),
         rttvar: Duration::from_millis(20),
+        rtt_recent: Duration::from_millis(190),
         segs_out: segs,
         retrans,
         delivery_rate: 125_000,
+        bytes_acked: 0,
         unacked: 0,
         since_last_ack: Some(Duration::from_millis(10)),
     }
