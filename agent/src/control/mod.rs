@@ -59,9 +59,20 @@ const MIN_WINDOW: u64 = 16 << 10;
 
 /// The queue delay aimed for: enough to keep the bottleneck busy between ticks, small
 /// next to the path's RTT.
-fn target_queue(base: Duration) -> Duration {
-    (base / 10).max(Duration::from_millis(20))
+/// Plus what the RTT samples carry on a slow link even without a queue: a full frame's
+/// serialisation, and the delayed ACK's second frame (47 ms each at 256 kbit/s — a
+/// target below that read every sample as a queue and drained an idle link).
+fn target_queue(base: Duration, bw: f64) -> Duration {
+    let frames = if bw > 0.0 {
+        Duration::from_secs_f64((3.0 * FRAME / bw).min(1.0))
+    } else {
+        Duration::ZERO
+    };
+    (base / 10).max(Duration::from_millis(20)) + frames
 }
+
+/// A full Ethernet frame, bytes.
+const FRAME: f64 = 1514.0;
 
 /// How the controller is set up (from `[rate]`, `[upstream]`, `[compression]`).
 #[derive(Debug, Clone, PartialEq)]
@@ -151,10 +162,13 @@ pub struct Controller {
     rtt: VecDeque<Duration>,
     phase: Phase,
     rate: f64,
+    /// The rate of the tick before.
+    prev_rate: f64,
     /// Delivery rate while data waits, smoothed: the bottleneck bandwidth estimate.
     bw: f64,
-    /// Startup ticks in which the link did not carry the ask.
+    /// Startup ticks in which the delivery rate did not grow, and the best one seen.
     stalls: u32,
+    startup_best: f64,
     /// Tracking ticks in which the link carried every ask without a queue.
     room: u32,
     was_up: bool,
@@ -183,8 +197,10 @@ impl Controller {
             rtt: VecDeque::new(),
             phase: Phase::Startup,
             rate,
+            prev_rate: rate,
             bw: 0.0,
             stalls: 0,
+            startup_best: 0.0,
             room: 0,
             was_up: false,
             degraded: Degradation::default(),
@@ -278,6 +294,7 @@ impl Controller {
                     .min(self.cap());
                 self.phase = Phase::Startup;
                 self.stalls = 0;
+                self.startup_best = 0.0;
                 self.delivery.clear();
                 return self.plan(i);
             }
@@ -292,18 +309,23 @@ impl Controller {
         }
         let base = self.base_rtt();
         let queue = rtt.saturating_sub(base).as_secs_f64();
-        let target = target_queue(base).as_secs_f64();
+        let target = target_queue(base, self.bw.max(sample)).as_secs_f64();
         let standing = !base.is_zero()
-            && rtt.as_secs_f64()
-                > base.as_secs_f64() * (1.0 + INFLATION) + INFLATION_FIXED.as_secs_f64();
+            && queue > base.as_secs_f64() * INFLATION + INFLATION_FIXED.as_secs_f64() + target;
         // Only a link with data waiting tells its bandwidth: an idle one is app-limited.
         let link_limited = i.backlog_bytes as f64 * i.wire_ratio.clamp(0.0, 1.0) > self.rate;
         // The link carried (nearly) all of the last tick's ask — judged on this tick's
         // own reading: the median lags a one-tick ask by two ticks.
+        // The pacer's bytes of a tick follow the ask of the tick before in part: judged
+        // against the smaller of the last two asks.
         let now = (i.link.delivery_rate as f64).max(sample);
-        let carried = now >= 0.95 * self.rate;
+        let carried = now >= 0.9 * self.rate.min(self.prev_rate);
+        self.prev_rate = self.rate;
         if link_limited && sample > 0.0 {
-            self.bw = if self.bw == 0.0 {
+            self.bw = if self.bw == 0.0 || (queue > target && sample < 0.5 * self.bw) {
+                // With a queue the delivery rate is the bottleneck's: a reading of half
+                // the estimate is a step down, not noise (smoothed, the estimate took
+                // ten seconds to follow one, and kept the queue full meanwhile).
                 sample
             } else {
                 self.bw + BW_ALPHA * (sample - self.bw)
@@ -311,14 +333,16 @@ impl Controller {
         }
         match self.phase {
             Phase::Startup => {
-                // Not carried: a stall — once something was measured (the first tick of
-                // a connection delivers little whatever the link).
-                if carried || !link_limited {
+                // The link is full when what it delivers stops growing (by 25 % a tick,
+                // as BBR's full-pipe test) while data waits — not when it fails to carry
+                // the ask: TCP's own slow start cannot in a connection's first seconds.
+                if now > self.startup_best * 1.25 || !link_limited {
                     self.stalls = 0;
-                } else if sample > 0.0 {
+                } else {
                     self.stalls += 1;
                 }
-                if standing || self.stalls >= 2 {
+                self.startup_best = self.startup_best.max(now);
+                if standing || self.stalls >= 3 {
                     // The link is full: from here on its delivery rate is its bandwidth.
                     self.phase = Phase::Track;
                     self.room = 0;
@@ -345,9 +369,15 @@ impl Controller {
                     // Every ask carried and still no queue: the link got faster.
                     self.phase = Phase::Startup;
                     self.stalls = 0;
-                    self.rate = self.rate.max(now) * STARTUP_GAIN;
+                    self.startup_best = now;
+                    self.rate *= STARTUP_GAIN;
                 } else if self.room == ROOM_TICKS {
-                    self.rate = self.rate.max(now) * ROOM_GAIN;
+                    // Of the ask, not of a reading that may be a spike.
+                    self.rate *= ROOM_GAIN;
+                } else if queue < target && carried && link_limited {
+                    // Below the target and the link took all of it: ask more of the ask
+                    // (compounding), not of the smoothed measurement of it, which lags.
+                    self.rate = (self.rate.max(self.bw) * PROBE_GAIN).min(2.0 * self.bw.max(now));
                 } else if self.bw > 0.0 {
                     self.rate = self.bw * gain(queue, target);
                 }

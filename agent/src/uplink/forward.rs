@@ -488,7 +488,8 @@ impl Forwarder {
                     self.report_link(&s, connection, &mut pubacks);
                     if let Some((adapter, quality)) = self.adapt.as_mut() {
                         let q = *quality.borrow();
-                        let plan = adapter.tick(q, &self.store.stats());
+                        let stats = self.store.stats();
+                        let plan = adapter.tick(q, &stats);
                         self.pacer.set_plan(plan);
                         self.packer.set_plan(&plan);
                         tracing::debug!(
@@ -498,6 +499,7 @@ impl Forwarder {
                             in_flight = self.pacer.in_flight(),
                             batch_size = plan.batch_size,
                             level = plan.level,
+                            backlog_bytes = stats.streams.iter().map(|s| s.state.bytes).sum::<u64>(),
                             "uplink plan"
                         );
                         if plan.degraded != self.degraded {
