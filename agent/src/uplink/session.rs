@@ -28,7 +28,7 @@ use crate::config::UpstreamConfig;
 const MAX_INCOMING: usize = 1 << 20;
 /// Unsent bytes the kernel may hold for the upstream socket before it stops reporting
 /// it writable.
-const NOTSENT_LOWAT: u32 = 16 << 10;
+const NOTSENT_LOWAT: u32 = 8 << 10;
 /// MQTT's own limit for an outgoing packet.
 const MAX_OUTGOING: usize = 268_435_455;
 
