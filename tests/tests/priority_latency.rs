@@ -107,8 +107,9 @@ fn high_priority_overtakes_a_saturating_low_priority_backlog() {
         "the low-priority backlog must keep the link busy ({:.0} %)",
         busy * 100.0
     );
-    // The issue's acceptance is p99 ≤ 2 s: measured 1.4–1.7 s locally, 2.3 s in one CI
-    // run and one benchmark run (seconds-long HOL stalls at 3 % loss, and whatever sits
-    // in flight ahead). Guarded at 3 s while issue 7 is open; the figure is printed.
-    assert!(p(0.99) <= 3_000, "p99 alarm latency {} ms > 3 s", p(0.99));
+    // The issue's acceptance is p99 ≤ 2 s: measured 1.4–1.9 s in the last runs (the
+    // tail is head-of-line blocking behind the low backlog's retransmissions on the
+    // one connection, ~15 % apart from run to run). Guarded at 2.5 s while issue 7 is
+    // open, so lab noise does not fail CI; the figure is printed.
+    assert!(p(0.99) <= 2_500, "p99 alarm latency {} ms > 2.5 s", p(0.99));
 }
