@@ -29,8 +29,8 @@ use crate::policy::Priority;
 
 /// Ticks the base-RTT minimum is taken over.
 const RTT_WINDOW: usize = 30;
-/// A queue delay this much above the base (relative, plus a fixed allowance) is a
-/// standing queue: startup ends there.
+/// A queue delay this much above the target (relative to the base, plus a fixed
+/// allowance) is a standing queue: startup ends there.
 const INFLATION: f64 = 0.25;
 const INFLATION_FIXED: Duration = Duration::from_millis(20);
 /// The tick, seconds: the queue excess is removed over two of them.
@@ -315,9 +315,8 @@ impl Controller {
         // Only a link with data waiting tells its bandwidth: an idle one is app-limited.
         let link_limited = i.backlog_bytes as f64 * i.wire_ratio.clamp(0.0, 1.0) > self.rate;
         // The link carried (nearly) all of the last tick's ask — judged on this tick's
-        // own reading: the median lags a one-tick ask by two ticks.
-        // The pacer's bytes of a tick follow the ask of the tick before in part: judged
-        // against the smaller of the last two asks.
+        // own reading (the median lags a one-tick ask by two ticks), against the smaller
+        // of the last two asks (a tick's bytes follow the ask before in part).
         let now = (i.link.delivery_rate as f64).max(sample);
         let carried = now >= 0.9 * self.rate.min(self.prev_rate);
         self.prev_rate = self.rate;
