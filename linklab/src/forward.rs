@@ -37,13 +37,15 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Mean queueing delay of the frames admitted between `earlier` and `self`.
+    /// Mean queueing delay of the frames admitted between `earlier` and `self` (zero if
+    /// `earlier` is not earlier).
     pub fn mean_queue_wait_since(&self, earlier: &Stats) -> std::time::Duration {
-        let admitted = (self.frames_in - earlier.frames_in)
-            .saturating_sub(self.lost - earlier.lost)
-            .saturating_sub(self.outage_dropped - earlier.outage_dropped)
-            .saturating_sub(self.queue_dropped - earlier.queue_dropped);
-        let us = (self.queue_wait_us - earlier.queue_wait_us) / admitted.max(1);
+        let d = |now: u64, then: u64| now.saturating_sub(then);
+        let admitted = d(self.frames_in, earlier.frames_in)
+            .saturating_sub(d(self.lost, earlier.lost))
+            .saturating_sub(d(self.outage_dropped, earlier.outage_dropped))
+            .saturating_sub(d(self.queue_dropped, earlier.queue_dropped));
+        let us = d(self.queue_wait_us, earlier.queue_wait_us) / admitted.max(1);
         std::time::Duration::from_micros(us)
     }
 }

@@ -58,10 +58,10 @@ const LOSS_ALLOWANCE: Duration = Duration::from_secs(1);
 const MIN_WINDOW: u64 = 16 << 10;
 
 /// The queue delay aimed for: enough to keep the bottleneck busy between ticks, small
-/// next to the path's RTT.
-/// Plus what the RTT samples carry on a slow link even without a queue: a full frame's
-/// serialisation, and the delayed ACK's second frame (47 ms each at 256 kbit/s — a
-/// target below that read every sample as a queue and drained an idle link).
+/// next to the path's RTT — plus what RTT samples carry on a slow link even without a
+/// queue: their frame's serialisation and the delayed ACK's second frame (47 ms each
+/// at 256 kbit/s; a target below that read every sample as a queue and drained an idle
+/// link).
 fn target_queue(base: Duration, bw: f64) -> Duration {
     let frames = if bw > 0.0 {
         Duration::from_secs_f64((3.0 * FRAME / bw).min(1.0))

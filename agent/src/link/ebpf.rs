@@ -235,9 +235,10 @@ impl Probe {
                 segs_out: s.data_segs_out,
                 retrans: s.total_retrans,
                 // The delivery rate comes from TCP_INFO's counter (the monitor): the
-                // map's moves only with RTT samples, which a loss recovery starves.
+                // map's moves only with RTT samples, which a loss recovery starves, and
+                // counts no SACKed bytes.
                 delivery_rate: 0,
-                bytes_acked: s.bytes_acked,
+                bytes_acked: 0,
                 unacked: u32::try_from(s.packets_out).unwrap_or(u32::MAX),
                 since_last_ack: Some(Duration::from_nanos(now_ns.saturating_sub(s.last_ack_ns))),
             }
@@ -260,4 +261,50 @@ fn recent_min_rtt(s: &ConnStats, now_ns: u64) -> Duration {
             s.rtt_min_us
         };
     Duration::from_micros(min)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn stats(min_us: u64, prev_us: u64, start_ns: u64, last_ack_ns: u64) -> ConnStats {
+        ConnStats {
+            rtt_min_us: min_us,
+            rtt_min_prev_us: prev_us,
+            rtt_min_start_ns: start_ns,
+            last_ack_ns,
+            ..ConnStats::default()
+        }
+    }
+
+    #[test]
+    fn recent_rtt_is_the_minimum_of_the_last_windows() {
+        // A window begun 100 ms ago: the one before it still counts.
+        let s = stats(300_000, 120_000, 900 * MS, 990 * MS);
+        assert_eq!(
+            recent_min_rtt(&s, 1_000 * MS),
+            Duration::from_micros(120_000)
+        );
+        // Begun 600 ms ago: only the current one.
+        let s = stats(300_000, 120_000, 400 * MS, 990 * MS);
+        assert_eq!(
+            recent_min_rtt(&s, 1_000 * MS),
+            Duration::from_micros(300_000)
+        );
+        // No window before (the probe cleared it after a pause in the samples).
+        let s = stats(300_000, 0, 900 * MS, 990 * MS);
+        assert_eq!(
+            recent_min_rtt(&s, 1_000 * MS),
+            Duration::from_micros(300_000)
+        );
+        // No sample for over a second: nothing to judge by.
+        let s = stats(300_000, 120_000, 900 * MS, 900 * MS);
+        assert_eq!(recent_min_rtt(&s, 2_000 * MS), Duration::ZERO);
+        assert_eq!(
+            recent_min_rtt(&ConnStats::default(), 1_000 * MS),
+            Duration::ZERO
+        );
+    }
 }

@@ -126,3 +126,26 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn delivery_rate_is_the_growth_of_the_delivered_counter() {
+    let mut e = Estimator::new();
+    e.connected();
+    let t0 = Instant::now();
+    e.acked_bytes(7, 1_000, t0);
+    // Too close to the last reading to time: ignored, the baseline kept.
+    e.acked_bytes(7, 90_000, t0 + Duration::from_millis(50));
+    e.acked_bytes(7, 126_000, t0 + Duration::from_secs(1));
+    assert_eq!(e.quality().delivery_rate, 125_000);
+    // The kernel's per-ACK estimate no longer overrides the counter's rate.
+    e.transport(Transport {
+        delivery_rate: 999,
+        ..sample(7, 100, 0)
+    });
+    assert_eq!(e.quality().delivery_rate, 125_000);
+    // A new connection starts a new baseline: no rate from across the two.
+    e.acked_bytes(8, 500, t0 + Duration::from_secs(2));
+    assert_eq!(e.quality().delivery_rate, 125_000);
+    e.acked_bytes(8, 32_500, t0 + Duration::from_secs(3));
+    assert_eq!(e.quality().delivery_rate, 32_000);
+}
