@@ -207,6 +207,7 @@ impl Republisher {
                 password: None,
                 keep_alive: Duration::from_secs(30),
                 inflight: std::num::NonZeroU16::MIN,
+                priority_connection: false,
                 connect_timeout: Duration::from_secs(10),
                 reconnect_min: Duration::from_millis(200),
                 reconnect_max: Duration::from_secs(10),
@@ -224,7 +225,7 @@ impl Republisher {
         const WINDOW: usize = 256;
         if self.session.is_none() {
             self.session = Some(
-                crate::uplink::session::Session::connect(&self.cfg)
+                crate::uplink::session::Session::connect(&self.cfg, &self.cfg.client_id)
                     .await
                     .map_err(|e| e.to_string())?,
             );

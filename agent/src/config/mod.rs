@@ -220,6 +220,9 @@ pub struct UpstreamConfig {
     pub password: Option<Secret>,
     pub keep_alive: Duration,
     pub inflight: NonZeroU16,
+    /// High-priority streams go on a second connection (client id `{client_id}-hi`),
+    /// so they never wait behind the rest's loss recovery on a lossy link.
+    pub priority_connection: bool,
     pub connect_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,

@@ -60,6 +60,7 @@ pub struct RawUpstream {
     pub password_file: Field<String>,
     pub keep_alive: Field<String>,
     pub inflight: Field<i64>,
+    pub priority_connection: Field<bool>,
     pub connect_timeout: Field<String>,
     pub reconnect_min: Field<String>,
     pub reconnect_max: Field<String>,

@@ -225,6 +225,10 @@ pub fn render(c: &Config) -> String {
         "inflight".into(),
         Value::Integer(i64::from(u.inflight.get())),
     );
+    up.insert(
+        "priority_connection".into(),
+        Value::Boolean(u.priority_connection),
+    );
     up.insert("connect_timeout".into(), dur(u.connect_timeout));
     up.insert("reconnect_min".into(), dur(u.reconnect_min));
     up.insert("reconnect_max".into(), dur(u.reconnect_max));

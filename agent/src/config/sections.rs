@@ -338,6 +338,10 @@ pub(super) fn validate_upstream(
         password,
         keep_alive,
         inflight: NonZeroU16::new(inflight as u16).unwrap_or(NonZeroU16::MIN),
+        priority_connection: raw
+            .priority_connection
+            .as_ref()
+            .is_none_or(|b| *b.get_ref()),
         connect_timeout,
         reconnect_min,
         reconnect_max,

@@ -171,6 +171,10 @@ pub struct Controller {
     startup_best: f64,
     /// Tracking ticks in which the link carried every ask without a queue.
     room: u32,
+    /// After a reconnect, startup stops at the bandwidth measured before it: the link is
+    /// known, and doubling past it into a full backlog fills the bottleneck's buffer
+    /// (its losses then stall the drain). More is found by tracking's room test.
+    resume_at: Option<f64>,
     was_up: bool,
     degraded: Degradation,
     level: i32,
@@ -202,6 +206,7 @@ impl Controller {
             stalls: 0,
             startup_best: 0.0,
             room: 0,
+            resume_at: None,
             was_up: false,
             degraded: Degradation::default(),
             level,
@@ -245,6 +250,16 @@ impl Controller {
     /// Base RTT: the minimum of the window (zero until measured).
     pub fn base_rtt(&self) -> Duration {
         self.rtt.iter().copied().min().unwrap_or(Duration::ZERO)
+    }
+
+    /// The phase, for the log: "startup", "resume" (startup back to the bandwidth known
+    /// before a reconnect) or "track".
+    pub fn phase(&self) -> &'static str {
+        match (self.phase, self.resume_at) {
+            (Phase::Startup, Some(_)) => "resume",
+            (Phase::Startup, None) => "startup",
+            (Phase::Track, _) => "track",
+        }
     }
 
     /// Bottleneck bandwidth estimate, bytes/s (zero until measured).
@@ -295,6 +310,10 @@ impl Controller {
                 self.phase = Phase::Startup;
                 self.stalls = 0;
                 self.startup_best = 0.0;
+                // Back to the known bandwidth only where it was measured above the
+                // restart rate: an estimate from an app-limited link (what it was
+                // asked, not what it could do) is no ceiling.
+                self.resume_at = (self.bw > self.rate).then_some(self.bw);
                 self.delivery.clear();
                 return self.plan(i);
             }
@@ -320,12 +339,20 @@ impl Controller {
         let now = (i.link.delivery_rate as f64).max(sample);
         let carried = now >= 0.9 * self.rate.min(self.prev_rate);
         self.prev_rate = self.rate;
-        if link_limited && sample > 0.0 {
+        if !link_limited && sample > self.bw && self.phase == Phase::Track {
+            // An app-limited link tells no bandwidth, but what it delivered it can:
+            // a floor for the estimate (and for the restart after an outage).
+            self.bw = sample;
+        } else if link_limited && sample > 0.0 {
             self.bw = if self.bw == 0.0 || (queue > target && sample < 0.5 * self.bw) {
                 // With a queue the delivery rate is the bottleneck's: a reading of half
                 // the estimate is a step down, not noise (smoothed, the estimate took
                 // ten seconds to follow one, and kept the queue full meanwhile).
                 sample
+            } else if self.resume_at.is_some() {
+                // Resuming: the estimate from before the outage stands until the link
+                // is full again (the first readings are a new connection's).
+                self.bw
             } else {
                 self.bw + BW_ALPHA * (sample - self.bw)
             };
@@ -345,6 +372,7 @@ impl Controller {
                     // The link is full: from here on its delivery rate is its bandwidth.
                     self.phase = Phase::Track;
                     self.room = 0;
+                    self.resume_at = None;
                     self.bw = sample.max(MIN_RATE as f64);
                     self.rate = self.bw * gain(queue, target);
                 } else if link_limited {
@@ -355,7 +383,20 @@ impl Controller {
                     } else {
                         sample
                     };
-                    self.rate = known.max(self.s.initial_rate as f64) * STARTUP_GAIN;
+                    let asked = known.max(self.s.initial_rate as f64) * STARTUP_GAIN;
+                    // Resuming, the restart rate (half the known bandwidth) is a floor:
+                    // a new connection's first readings (TCP's slow start, or only
+                    // high priority's connection busy) must not talk it down.
+                    self.rate = match self.resume_at {
+                        Some(_) => asked.max(self.rate),
+                        None => asked,
+                    };
+                    if let Some(known_bw) = self.resume_at.filter(|b| self.rate >= *b) {
+                        self.phase = Phase::Track;
+                        self.room = 0;
+                        self.resume_at = None;
+                        self.rate = known_bw;
+                    }
                 }
             }
             Phase::Track => {
@@ -368,6 +409,7 @@ impl Controller {
                     // Every ask carried and still no queue: the link got faster.
                     self.phase = Phase::Startup;
                     self.stalls = 0;
+                    self.resume_at = None;
                     self.startup_best = now;
                     self.rate *= STARTUP_GAIN;
                 } else if self.room == ROOM_TICKS {

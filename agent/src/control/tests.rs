@@ -228,6 +228,9 @@ fn an_outage_pauses_and_recovery_ramps_from_half() {
         after[0].0.rate
     );
     let later = run(&mut c, &mut link, 15);
+    // Back to the known bandwidth, not doubled past it into the backlog's flood.
+    let peak = later[..5].iter().map(|(p, _)| p.rate).max().unwrap_or(0) as f64;
+    assert!(peak <= bw * 1.3, "ramp peaked at {peak} (bandwidth {bw})");
     assert!((mean_rate(&later[5..]) / 125_000.0 - 1.0).abs() < 0.2);
 }
 
@@ -303,4 +306,33 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn resuming_with_no_readings_yet_keeps_the_restart_rate() {
+    let mut link = SimLink::new(125_000.0, 300);
+    let mut c = Controller::new(settings());
+    run(&mut c, &mut link, 20);
+    let bw = c.bandwidth();
+    link.up = false;
+    run(&mut c, &mut link, 5);
+    // The new connections' first seconds: up, but no delivery reading, no RTT sample.
+    let silent = LinkQuality {
+        source: Source::Ebpf,
+        up: true,
+        srtt: Duration::from_millis(305),
+        rttvar: Duration::ZERO,
+        rtt_recent: Duration::ZERO,
+        loss: 0.2,
+        resets: 0,
+        delivery_rate: 0,
+        goodput: 0,
+        app_rtt: Duration::from_millis(310),
+    };
+    let rates: Vec<u64> = (0..3).map(|_| c.tick(&inputs(silent)).rate).collect();
+    eprintln!("{rates:?} bw {bw}");
+    assert!(
+        rates.iter().all(|&r| r as f64 >= bw * 0.45),
+        "resuming at {rates:?} of a {bw} link"
+    );
 }

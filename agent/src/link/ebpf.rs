@@ -188,7 +188,11 @@ impl Probe {
 
     /// Read the maps: the current connection's sample (if any) and the resets seen
     /// since the last read. `now_ns` is CLOCK_MONOTONIC (the probe's clock).
-    pub fn read(&mut self, now_ns: u64) -> Result<(Option<Transport>, u64), ProbeError> {
+    pub fn read(
+        &mut self,
+        now_ns: u64,
+        measured_port: Option<u16>,
+    ) -> Result<(Option<Transport>, u64), ProbeError> {
         let map = self.bpf.map_mut(CONNS_MAP).ok_or(ProbeError::Map {
             map: "CONNS",
             detail: "not in the object".into(),
@@ -210,8 +214,11 @@ impl Probe {
             let seen = self.resets_seen.entry(*cookie).or_insert(0);
             new_resets += s.resets_in.saturating_sub(*seen);
             *seen = s.resets_in;
+            // The session's measured connection; without one known, the latest.
+            let measured = measured_port.is_none_or(|p| s.local_port == u64::from(p));
             if s.established == 1
                 && s.state != TCP_CLOSE
+                && measured
                 && current.is_none_or(|(_, c)| s.updated_ns > c.updated_ns)
             {
                 current = Some((*cookie, *s));

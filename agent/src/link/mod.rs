@@ -27,15 +27,13 @@ use crate::config::{LinkConfig, ProbeSetting};
 /// What the uplink reports.
 #[derive(Debug, Clone)]
 pub enum LinkEvent {
-    Connected,
+    /// A session is up; the link is measured on its connection from `local_port` (a
+    /// session may hold a second connection, for high priority, which is not).
+    Connected { local_port: u16 },
     /// The session ended; `reset`: the broker reset it.
-    Disconnected {
-        reset: bool,
-    },
+    Disconnected { reset: bool },
     /// A connect attempt failed; `refused`: actively refused (a reset).
-    ConnectFailed {
-        refused: bool,
-    },
+    ConnectFailed { refused: bool },
     /// TCP_INFO of the upstream socket.
     Transport(Transport),
     /// PUBACKs since the last report: how many, their mean round trip, bytes acked.
@@ -83,6 +81,8 @@ pub struct Monitor {
     tx: watch::Sender<LinkQuality>,
     estimator: estimate::Estimator,
     probe: Option<ebpf::Probe>,
+    /// Local port of the session's measured connection (the probe may see two).
+    measured_port: Option<u16>,
 }
 
 impl Monitor {
@@ -107,6 +107,7 @@ impl Monitor {
                 tx: qtx,
                 estimator,
                 probe: None,
+                measured_port: None,
             },
             feed,
             qrx,
@@ -220,7 +221,7 @@ impl Monitor {
         let Some(p) = self.probe.as_mut() else {
             return;
         };
-        match p.read(sys::monotonic_ns()) {
+        match p.read(sys::monotonic_ns(), self.measured_port) {
             Ok((sample, resets)) => {
                 if let Some(t) = sample {
                     self.estimator.transport(t);
@@ -238,7 +239,10 @@ impl Monitor {
         // With the probe counting resets itself, the uplink's view would count twice.
         let probe_counts_resets = self.probe.as_ref().is_some_and(|p| p.counts_resets);
         match ev {
-            LinkEvent::Connected => self.estimator.connected(),
+            LinkEvent::Connected { local_port } => {
+                self.measured_port = Some(local_port);
+                self.estimator.connected()
+            }
             LinkEvent::Disconnected { reset } => {
                 self.estimator.disconnected(reset && !probe_counts_resets)
             }

@@ -1,33 +1,35 @@
-//! The forwarder: moves stored records upstream over one MQTT session at a time and
-//! deletes them from the store only after the broker's PUBACK.
+//! The forwarder: moves stored records upstream over one session at a time and
+//! deletes them from the store only after the broker's PUBACK. A session is one MQTT
+//! connection, or two where high-priority streams get their own (`conn`): they are
+//! opened together and end together.
 //!
 //! What one publish carries is the `Packer`'s business (passthrough: one record as it
 //! came; batch: many records in the wire format); everything else lives here once.
 //!
 //! Invariants:
-//! - A record is deleted only for a PUBACK whose packet id this session assigned to the
-//!   publish carrying it.
-//! - At most `inflight` publishes await PUBACK; the store is read in bounded chunks, so
+//! - A record is deleted only for a PUBACK whose packet id this session assigned, on
+//!   the connection it came on, to the publish carrying it.
+//! - High priority goes first: with a connection of its own, nothing else is sent
+//!   while that connection is full (a high-priority backlog).
+//! - At most `inflight` publishes await PUBACK per connection; the store is read in bounded chunks, so
 //!   memory does not depend on the backlog.
 //! - After any disconnect the next session starts again from the head of the stream:
 //!   whatever was not acknowledged is sent again (duplicates possible, loss not).
 //! - The socket is always read while writes are pending, so PUBACKs and keep-alive are
 //!   handled even when the link is slow.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use rumqttc::mqttbytes::v4::Packet;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
+use super::conn::{self, Conn, InFlight, PubackTally};
 use super::lanes::{self, Lane};
 use super::pace::{Adapter, Pacer};
 pub use super::packer::{
@@ -101,44 +103,33 @@ pub fn gap_notice(gateway: &str, epoch: u64, stream: &str, g: &Gap) -> String {
     .to_string()
 }
 
-/// What a publish awaiting PUBACK carries.
-enum InFlight {
-    /// Records of lane `.0`.
-    Records(usize, Seqs),
-    Gap(Gap),
-    Announcement(u64),
-}
-
-/// A publish awaiting PUBACK: what it carries, when it was queued, its payload size
-/// (for the link monitor's PUBACK round trips and goodput).
-struct Pending {
-    what: InFlight,
-    queued: Instant,
-    bytes: usize,
-}
-
-impl Pending {
-    fn new(what: InFlight, bytes: usize) -> Self {
-        Self {
-            what,
-            queued: Instant::now(),
-            bytes,
-        }
-    }
-}
-
-/// PUBACKs since the last report to the link monitor.
-#[derive(Default)]
-struct PubackTally {
-    count: u32,
-    rtt_sum: Duration,
-    bytes: usize,
-}
+mod broker;
 
 /// How a session ended.
 enum End {
-    Shutdown(Session),
+    Shutdown(Conn, Option<Conn>),
     Lost(UplinkError),
+}
+
+/// Which lanes a publish may come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    All,
+    /// High priority only (the pacer holds the rest back, or it is the priority
+    /// connection's turn).
+    High,
+    /// All but high priority (which has a connection of its own).
+    NotHigh,
+}
+
+/// The session's progress, shared by its connections' PUBACK handling.
+#[derive(Default)]
+struct Progress {
+    pubacks: PubackTally,
+    /// Gap notices awaiting PUBACK.
+    gaps_reporting: usize,
+    /// Something was acknowledged (the reconnect backoff starts over).
+    productive: bool,
 }
 
 impl Forwarder {
@@ -211,16 +202,31 @@ impl Forwarder {
         loop {
             let connected = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = Session::connect(&self.cfg) => r,
+                r = Session::connect(&self.cfg, &self.cfg.client_id) => r,
             };
             match connected {
                 Ok(session) => {
                     tracing::info!(broker = %addr, client_id = %self.cfg.client_id, "connected upstream");
-                    self.link.send(LinkEvent::Connected);
+                    let wanted = self.cfg.priority_connection
+                        && self.lanes.iter().any(|l| l.priority == Priority::High);
+                    let express = if wanted {
+                        tokio::select! {
+                            _ = cancel.cancelled() => None,
+                            e = connect_priority(&self.cfg) => e,
+                        }
+                    } else {
+                        None
+                    };
+                    self.link.send(LinkEvent::Connected {
+                        local_port: session.local_port(),
+                    });
                     let mut productive = false;
-                    match self.serve(session, &cancel, &mut productive).await {
-                        End::Shutdown(session) => {
-                            session.disconnect(Duration::from_secs(1)).await;
+                    match self.serve(session, express, &cancel, &mut productive).await {
+                        End::Shutdown(bulk, express) => {
+                            if let Some(c) = express {
+                                c.s.disconnect(Duration::from_secs(1)).await;
+                            }
+                            bulk.s.disconnect(Duration::from_secs(1)).await;
                             self.link.send(LinkEvent::Disconnected { reset: false });
                             tracing::info!(broker = %addr, "disconnected upstream");
                             break;
@@ -254,24 +260,22 @@ impl Forwarder {
 
     async fn serve(
         &mut self,
-        mut s: Session,
+        s: Session,
+        express: Option<Session>,
         cancel: &CancellationToken,
         productive: &mut bool,
     ) -> End {
         let window = usize::from(self.cfg.inflight.get());
         let keep_alive = self.cfg.keep_alive;
-        // Every publish awaiting PUBACK; only record publishes count against the window.
-        let mut inflight: HashMap<u16, Pending> = HashMap::with_capacity(window);
-        let mut pubacks = PubackTally::default();
+        // Gap notices and dictionaries go on the first connection, with the records
+        // that need them; high priority on its own connection where there is one.
+        let mut bulk = Conn::new(s, window);
+        let mut express = express.map(|s| Conn::new(s, window));
+        let mut progress = Progress::default();
         self.pacer.reset();
         let mut pace_deadline: Option<tokio::time::Instant> = None;
         // Tags TCP_INFO samples: the counters restart with every connection.
-        let connection = s
-            .writer
-            .as_ref()
-            .local_addr()
-            .map_or(0, |a| u64::from(a.port()));
-        let mut record_publishes = 0usize;
+        let connection = u64::from(bulk.s.local_port());
         for lane in &mut self.lanes {
             lane.reset();
         }
@@ -279,11 +283,8 @@ impl Forwarder {
         committed.borrow_and_update();
         // Whether to look for gaps to report (at start, then every tick: evictions are
         // rare, a read per second is plenty).
-        let mut gaps_reporting = 0usize;
         let mut look_for_gaps = true;
         let mut ack_commits: FuturesUnordered<AckFuture> = FuturesUnordered::new();
-        let mut last_rx = Instant::now();
-        let mut last_tx = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drain_deadline: Option<tokio::time::Instant> = None;
@@ -291,45 +292,16 @@ impl Forwarder {
         let end = 'session: loop {
             if drain_deadline.is_none() {
                 while let Some(a) = self.packer.announcement() {
-                    let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
-                    let bytes = a.payload.len();
-                    if let Err(e) = s.queue_publish(a.topic, a.payload, true, pkid) {
+                    let what = InFlight::Announcement(a.token);
+                    if let Err(e) = bulk.publish(a.topic, a.payload, true, what) {
                         break 'session End::Lost(e.into());
                     }
-                    inflight.insert(pkid, Pending::new(InFlight::Announcement(a.token), bytes));
                 }
             }
-            if drain_deadline.is_none() && look_for_gaps && gaps_reporting == 0 {
+            if drain_deadline.is_none() && look_for_gaps && progress.gaps_reporting == 0 {
                 look_for_gaps = false;
-                match self.store.gaps(GAP_BATCH).await {
-                    Ok(gaps) => {
-                        let names = self.store.stats();
-                        for g in gaps {
-                            let stream = names
-                                .streams
-                                .iter()
-                                .find(|st| st.id == g.stream)
-                                .map_or("?", |st| st.name.as_str());
-                            let body = gap_notice(&self.gateway, self.store.epoch(), stream, &g);
-                            tracing::warn!(
-                                stream,
-                                first = g.first,
-                                last = g.last,
-                                count = g.count,
-                                reason = g.reason.as_str(),
-                                "reporting records dropped unsent"
-                            );
-                            let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
-                            let topic = upstream_topic(&self.cfg.topic_prefix, "gap");
-                            let bytes = body.len();
-                            if let Err(e) = s.queue_publish(topic, Bytes::from(body), false, pkid) {
-                                break 'session End::Lost(e.into());
-                            }
-                            inflight.insert(pkid, Pending::new(InFlight::Gap(g), bytes));
-                            gaps_reporting += 1;
-                        }
-                    }
-                    Err(e) => break 'session End::Lost(e.into()),
+                if let Err(e) = self.report_gaps(&mut bulk, &mut progress).await {
+                    break 'session End::Lost(e);
                 }
             }
             if drain_deadline.is_none() {
@@ -342,11 +314,22 @@ impl Forwarder {
                 // count, so the rest yields to it). A publish beyond the window is
                 // never more than the socket takes.
                 // While the link is down nothing is sent.
-                while record_publishes < window
-                    && s.out.len() < OUT_LIMIT
+                // With a connection of its own, high priority still goes first: the
+                // rest waits while that connection is full of it (a backlog after an
+                // outage), and shares the link once it runs dry.
+                let high_waiting = match express.as_mut() {
+                    Some(hi) => match self.send_records(hi, Pick::High, window).await {
+                        Ok(dry) => !dry,
+                        Err(e) => break 'session End::Lost(e),
+                    },
+                    None => false,
+                };
+                while !high_waiting
+                    && bulk.records < window
+                    && bulk.s.out.len() < OUT_LIMIT
                     && !self.pacer.plan().paused
                 {
-                    let only_high = pace_deadline.is_some()
+                    let held = pace_deadline.is_some()
                         || match self.pacer.may_send(Instant::now()) {
                             Ok(()) => false,
                             Err(until) => {
@@ -354,33 +337,20 @@ impl Forwarder {
                                 true
                             }
                         };
-                    let unit = match self.next_unit(only_high).await {
-                        Ok(Some(unit)) => unit,
-                        Ok(None) => break,
+                    let pick = match (held, express.is_some()) {
+                        (true, true) => break,
+                        (true, false) => Pick::High,
+                        (false, true) => Pick::NotHigh,
+                        (false, false) => Pick::All,
+                    };
+                    match self.send_one(&mut bulk, pick).await {
+                        Ok(true) => {}
+                        Ok(false) => break,
                         Err(e) => break 'session End::Lost(e),
-                    };
-                    let (lane, unit) = unit;
-                    let pkid = s.alloc_pkid(|id| inflight.contains_key(&id));
-                    let bytes = unit.payload.len();
-                    let records = match &unit.seqs {
-                        Seqs::One(_) => 1,
-                        Seqs::Many(v) => v.len(),
-                    };
-                    if let Err(e) = s.queue_publish(unit.topic, unit.payload, unit.retain, pkid) {
-                        break 'session End::Lost(e.into());
                     }
-                    self.pacer.sent(bytes);
-                    if let Some((adapter, _)) = self.adapt.as_mut() {
-                        adapter.sent(records, unit.stored_bytes, bytes);
-                    }
-                    inflight.insert(
-                        pkid,
-                        Pending::new(InFlight::Records(lane, unit.seqs), bytes),
-                    );
-                    record_publishes += 1;
                 }
-            } else if inflight.is_empty() && s.out.is_empty() {
-                break 'session End::Shutdown(s);
+            } else if bulk.idle() && express.as_ref().is_none_or(Conn::idle) {
+                break 'session End::Shutdown(bulk, express);
             }
             for lane in &mut self.lanes {
                 if !lane.acked.is_empty() && ack_commits.len() < MAX_ACK_COMMITS {
@@ -393,13 +363,14 @@ impl Forwarder {
                 .filter(|l| !l.linger_expired)
                 .filter_map(|l| l.linger_deadline)
                 .min();
+            let (hi_reader, hi_writer) = conn::halves(express.as_mut());
 
             tokio::select! {
                 biased;
                 _ = cancel.cancelled(), if drain_deadline.is_none() => {
                     drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                 }
-                _ = sleep_until_opt(drain_deadline) => break 'session End::Shutdown(s),
+                _ = sleep_until_opt(drain_deadline) => break 'session End::Shutdown(bulk, express),
                 _ = sleep_until_opt(linger_deadline) => {
                     let now = tokio::time::Instant::now();
                     for lane in &mut self.lanes {
@@ -409,60 +380,30 @@ impl Forwarder {
                     }
                 }
                 _ = sleep_until_opt(pace_deadline) => pace_deadline = None,
-                packet = s.reader.next() => {
-                    last_rx = Instant::now();
-                    match packet {
-                        Some(Ok(Packet::PubAck(ack))) => match inflight.remove(&ack.pkid).map(|p| {
-                            pubacks.count += 1;
-                            pubacks.rtt_sum += p.queued.elapsed();
-                            pubacks.bytes += p.bytes;
-                            if matches!(p.what, InFlight::Records(..)) {
-                                self.pacer.acked(p.bytes);
-                                if let Some((adapter, _)) = self.adapt.as_mut() {
-                                    adapter.acked(p.bytes);
-                                }
-                            }
-                            p.what
-                        }) {
-                            Some(InFlight::Records(lane, seqs)) => {
-                                record_publishes -= 1;
-                                if let Some(lane) = self.lanes.get_mut(lane) {
-                                    match seqs {
-                                        Seqs::One(seq) => lane.acked.push(seq),
-                                        Seqs::Many(seqs) => lane.acked.extend(seqs),
-                                    }
-                                }
-                                *productive = true;
-                            }
-                            Some(InFlight::Gap(g)) => {
-                                gaps_reporting -= 1;
-                                // Forgotten before anything else happens, so the next
-                                // look for gaps cannot report it twice. Gaps are rare:
-                                // waiting for this one commit here costs nothing.
-                                if let Err(e) = self.store.ack_gaps(vec![g]).await {
-                                    tracing::error!(error = %e, "could not forget a reported gap; it will be reported again");
-                                }
-                            }
-                            Some(InFlight::Announcement(token)) => {
-                                // Rare too (a new dictionary); if keeping it fails, the
-                                // next run merely trains again.
-                                if let Some(w) = self.packer.announced(token) {
-                                    if let Err(e) = self.store.put_meta(w.key, w.value).await {
-                                        tracing::warn!(error = %e, key = w.key, "could not keep uplink state with the buffer");
-                                    }
-                                }
-                            }
-                            None => tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id ignored"),
-                        },
-                        Some(Ok(Packet::PingResp)) => *productive = true,
-                        Some(Ok(other)) => tracing::debug!(packet = ?other, "ignoring packet from broker"),
-                        Some(Err(e)) => break 'session End::Lost(SessionError::from(e).into()),
-                        None => break 'session End::Lost(SessionError::Closed.into()),
+                packet = conn::next_packet(hi_reader) => {
+                    if let Some(hi) = express.as_mut() {
+                        if let Err(e) = self.on_packet(hi, packet, &mut progress).await {
+                            break 'session End::Lost(e);
+                        }
                     }
                 }
-                written = s.writer.write_buf(&mut s.out), if !s.out.is_empty() => match written {
+                packet = bulk.s.reader.next() => {
+                    if let Err(e) = self.on_packet(&mut bulk, packet, &mut progress).await {
+                        break 'session End::Lost(e);
+                    }
+                }
+                written = conn::write_some(hi_writer) => match written {
                     Ok(0) => break 'session End::Lost(SessionError::Closed.into()),
-                    Ok(_) => last_tx = Instant::now(),
+                    Ok(_) => {
+                        if let Some(hi) = express.as_mut() {
+                            hi.last_tx = Instant::now();
+                        }
+                    }
+                    Err(e) => break 'session End::Lost(SessionError::Io(e).into()),
+                },
+                written = bulk.s.writer.write_buf(&mut bulk.s.out), if !bulk.s.out.is_empty() => match written {
+                    Ok(0) => break 'session End::Lost(SessionError::Closed.into()),
+                    Ok(_) => bulk.last_tx = Instant::now(),
                     Err(e) => break 'session End::Lost(SessionError::Io(e).into()),
                 },
                 Some(done) = ack_commits.next(), if !ack_commits.is_empty() => {
@@ -486,39 +427,17 @@ impl Forwarder {
                     for lane in &mut self.lanes {
                         lane.flush_dropped(&self.store, false).await;
                     }
-                    self.report_link(&s, connection, &mut pubacks);
-                    if let Some((adapter, quality)) = self.adapt.as_mut() {
-                        let q = *quality.borrow();
-                        let stats = self.store.stats();
-                        let plan = adapter.tick(q, &stats);
-                        self.pacer.set_plan(plan);
-                        self.packer.set_plan(&plan);
-                        tracing::debug!(
-                            paused = plan.paused,
-                            rate = plan.rate,
-                            window = plan.window,
-                            in_flight = self.pacer.in_flight(),
-                            batch_size = plan.batch_size,
-                            level = plan.level,
-                            backlog_bytes = stats.streams.iter().map(|s| s.state.bytes).sum::<u64>(),
-                            "uplink plan"
-                        );
-                        if plan.degraded != self.degraded {
-                            tracing::info!(normal = plan.degraded.normal, low = plan.degraded.low, "degradation changed (the link cannot keep up with what arrives)");
-                            self.degraded = plan.degraded;
-                        }
-                    }
-                    if last_rx.elapsed() > keep_alive + keep_alive / 2 {
-                        break 'session End::Lost(SessionError::KeepAliveTimeout(last_rx.elapsed()).into());
-                    }
-                    if last_tx.elapsed() >= keep_alive && s.out.is_empty() {
-                        if let Err(e) = s.queue(&Packet::PingReq) {
+                    self.report_link(&bulk.s, express.as_ref().map(|c| &c.s), connection, &mut progress.pubacks);
+                    self.replan();
+                    for c in std::iter::once(&mut bulk).chain(express.as_mut()) {
+                        if let Err(e) = c.keep_alive(keep_alive) {
                             break 'session End::Lost(e.into());
                         }
                     }
                 }
             }
         };
+        *productive = progress.productive;
 
         for lane in &mut self.lanes {
             lane.flush_dropped(&self.store, true).await;
@@ -536,48 +455,78 @@ impl Forwarder {
             }
         }
         self.packer.session_lost();
-        if record_publishes > 0 {
+        let unacknowledged = match &end {
+            End::Shutdown(bulk, express) => {
+                bulk.records + express.as_ref().map_or(0, |c| c.records)
+            }
+            // The connections are gone with their counts; what they held is still stored.
+            End::Lost(_) => 0,
+        };
+        if unacknowledged > 0 {
             tracing::info!(
-                unacknowledged = record_publishes,
+                unacknowledged,
                 "records in flight stay buffered and will be sent again"
             );
         }
-        if let End::Shutdown(mut session) = end {
-            let _ = session.writer.flush().await;
-            return End::Shutdown(session);
+        if let End::Shutdown(mut bulk, mut express) = end {
+            if let Some(c) = express.as_mut() {
+                let _ = c.s.writer.flush().await;
+            }
+            let _ = bulk.s.writer.flush().await;
+            return End::Shutdown(bulk, express);
         }
         end
     }
 
-    /// Once a second: TCP_INFO of the upstream socket and the PUBACKs since last time.
-    fn report_link(&self, s: &Session, connection: u64, pubacks: &mut PubackTally) {
-        if self.link.wants_tcp_info() {
-            match crate::link::sys::read(s.writer.as_ref(), connection) {
-                Ok(t) => self.link.send(LinkEvent::Transport(t)),
-                Err(e) => tracing::debug!(error = %e, "TCP_INFO of the upstream socket"),
+    /// Publish records on `c` while it takes them: at most `window` awaiting PUBACK,
+    /// less than `OUT_LIMIT` unwritten, nothing while the link is down. True when the
+    /// lanes ran dry (nothing more is ready), false when `c` stopped taking.
+    async fn send_records(
+        &mut self,
+        c: &mut Conn,
+        pick: Pick,
+        window: usize,
+    ) -> Result<bool, UplinkError> {
+        while c.records < window && c.s.out.len() < OUT_LIMIT && !self.pacer.plan().paused {
+            if !self.send_one(c, pick).await? {
+                return Ok(true);
             }
         }
-        let p = std::mem::take(pubacks);
-        if p.count > 0 {
-            self.link.send(LinkEvent::Pubacks {
-                count: p.count,
-                mean_rtt: p.rtt_sum / p.count,
-                bytes: p.bytes,
-            });
+        Ok(false)
+    }
+
+    /// Publish the next unit of the lanes `pick` allows on `c`; false: none is ready.
+    async fn send_one(&mut self, c: &mut Conn, pick: Pick) -> Result<bool, UplinkError> {
+        let Some((lane, unit)) = self.next_unit(pick).await? else {
+            return Ok(false);
+        };
+        let records = match &unit.seqs {
+            Seqs::One(_) => 1,
+            Seqs::Many(v) => v.len(),
+        };
+        let what = InFlight::Records(lane, unit.seqs);
+        let bytes = c.publish(unit.topic, unit.payload, unit.retain, what)?;
+        self.pacer.sent(bytes);
+        if let Some((adapter, _)) = self.adapt.as_mut() {
+            adapter.sent(records, unit.stored_bytes, bytes);
         }
+        Ok(true)
     }
 
     /// The next publish and the lane it comes from: lanes in priority order (round
     /// robin within one), each read ahead until it has a full batch or nothing more;
     /// a lane whose partial batch waits for its linger lets the next one send. High
-    /// priority never lingers.
-    /// `only_high`: high-priority lanes only (the pacer holds the rest back).
-    async fn next_unit(&mut self, only_high: bool) -> Result<Option<(usize, Unit)>, UplinkError> {
+    /// priority never lingers. `pick`: which lanes may send.
+    async fn next_unit(&mut self, pick: Pick) -> Result<Option<(usize, Unit)>, UplinkError> {
         lanes::order(&self.lanes, &mut self.order);
         for k in 0..self.order.len() {
             let i = self.order[k];
-            if only_high && self.lanes[i].priority != Priority::High {
-                break;
+            let high = self.lanes[i].priority == Priority::High;
+            match pick {
+                // Lanes are in priority order: no high one follows.
+                Pick::High if !high => break,
+                Pick::NotHigh if high => continue,
+                _ => {}
             }
             let wants = self.packer.wants();
             let degraded = self.degraded.of(self.lanes[i].priority);
@@ -585,7 +534,7 @@ impl Forwarder {
             while lane.queue.len() < wants && !lane.caught_up {
                 lane.fill(&self.store, &self.policies, degraded).await?;
             }
-            let no_linger = lane.priority == Priority::High || self.packer.linger().is_zero();
+            let no_linger = high || self.packer.linger().is_zero();
             let flush = lane.caught_up && (lane.linger_expired || no_linger);
             match self.packer.pack(&lane.name, &mut lane.queue, flush)? {
                 Some(unit) => {
@@ -604,6 +553,23 @@ impl Forwarder {
             }
         }
         Ok(None)
+    }
+}
+
+/// The second connection, for high-priority streams, where configured and there
+/// are any. Without it they share the first: slower on a lossy link, not broken,
+/// so a refusal (say, a broker ACL on the client id) is a warning, not an outage.
+async fn connect_priority(cfg: &UpstreamConfig) -> Option<Session> {
+    let client_id = format!("{}-hi", cfg.client_id);
+    match Session::connect(cfg, &client_id).await {
+        Ok(s) => {
+            tracing::info!(%client_id, "connected upstream for high priority");
+            Some(s)
+        }
+        Err(e) => {
+            tracing::warn!(%client_id, error = %e, "no connection of its own for high priority; it shares the first");
+            None
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod batch;
+pub mod conn;
 pub mod dictionary;
 pub mod forward;
 pub mod lanes;

@@ -208,6 +208,11 @@ impl Adapter {
         Some(bytes / span.as_secs_f64())
     }
 
+    /// The controller, for the log.
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
     pub fn tick(&mut self, link: LinkQuality, stats: &StoreStats) -> Plan {
         let now = Instant::now();
         let appended: u64 = stats.streams.iter().map(|s| s.state.next_seq).sum();

@@ -87,10 +87,13 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// TCP connect, CONNECT, and wait for a successful CONNACK, within `connect_timeout`.
-    pub async fn connect(cfg: &UpstreamConfig) -> Result<Session, SessionError> {
+    /// TCP connect, CONNECT as `client_id`, and wait for a successful CONNACK, within
+    /// `connect_timeout`.
+    pub async fn connect(cfg: &UpstreamConfig, client_id: &str) -> Result<Session, SessionError> {
         let addr = format!("{}:{}", cfg.host, cfg.port);
-        match tokio::time::timeout(cfg.connect_timeout, Self::handshake(cfg, &addr)).await {
+        match tokio::time::timeout(cfg.connect_timeout, Self::handshake(cfg, client_id, &addr))
+            .await
+        {
             Ok(r) => r,
             Err(_) => Err(SessionError::ConnectTimeout {
                 addr,
@@ -99,7 +102,11 @@ impl Session {
         }
     }
 
-    async fn handshake(cfg: &UpstreamConfig, addr: &str) -> Result<Session, SessionError> {
+    async fn handshake(
+        cfg: &UpstreamConfig,
+        client_id: &str,
+        addr: &str,
+    ) -> Result<Session, SessionError> {
         let stream = TcpStream::connect((cfg.host.as_str(), cfg.port))
             .await
             .map_err(|source| SessionError::Connect {
@@ -125,7 +132,7 @@ impl Session {
             out: BytesMut::with_capacity(16 * 1024),
             next_pkid: 0,
         };
-        let mut connect = Connect::new(cfg.client_id.clone());
+        let mut connect = Connect::new(client_id);
         connect.keep_alive = u16::try_from(cfg.keep_alive.as_secs()).unwrap_or(u16::MAX);
         // Clean session: unacknowledged records are resent from the store, which is the
         // source of truth; a broker-side session would only add a second copy of them.
@@ -197,6 +204,11 @@ impl Session {
             pkid,
             payload,
         }))
+    }
+
+    /// The local port of the connection: what the link monitor knows it by.
+    pub fn local_port(&self) -> u16 {
+        self.writer.as_ref().local_addr().map_or(0, |a| a.port())
     }
 
     /// Write what is buffered, send DISCONNECT and close, giving up after `timeout`.

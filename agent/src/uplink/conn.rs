@@ -1,0 +1,162 @@
+//! One MQTT connection of an upstream session and the publishes awaiting its PUBACKs.
+//!
+//! Why a session may hold two: on a lossy link every segment behind a lost one waits
+//! for its retransmission (TCP delivers in order), so a high-priority publish sharing
+//! a connection with a saturating backlog waits behind that backlog's loss recovery —
+//! most of the time, since a full pipe almost always holds a hole. On a connection of
+//! its own it waits only for its own losses. Both connections cross the same
+//! bottleneck, so the rate controller still counts both (the forwarder's pacer).
+//!
+//! Invariants: packet ids are per connection, so a PUBACK is matched only against the
+//! connection it came on; a connection is read whenever it is polled, so a blocked
+//! write never stops its PUBACKs.
+
+use std::collections::HashMap;
+use std::future::pending;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use rumqttc::mqttbytes::v4::{Codec, Packet};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::FramedRead;
+
+use super::packer::Seqs;
+use super::session::{Session, SessionError};
+use crate::store::Gap;
+
+/// What a publish awaiting PUBACK carries.
+#[derive(Debug)]
+pub enum InFlight {
+    /// Records of lane `.0`.
+    Records(usize, Seqs),
+    Gap(Gap),
+    Announcement(u64),
+}
+
+/// A publish awaiting PUBACK: what it carries, when it was queued, its payload size
+/// (for the link monitor's PUBACK round trips and goodput).
+#[derive(Debug)]
+pub struct Pending {
+    pub what: InFlight,
+    pub queued: Instant,
+    pub bytes: usize,
+}
+
+/// PUBACKs since the last report to the link monitor.
+#[derive(Debug, Default)]
+pub struct PubackTally {
+    pub count: u32,
+    pub rtt_sum: Duration,
+    pub bytes: usize,
+}
+
+/// An established connection and its publishes awaiting PUBACK.
+#[derive(Debug)]
+pub struct Conn {
+    pub s: Session,
+    inflight: HashMap<u16, Pending>,
+    /// Record publishes among them (what `[upstream] inflight` bounds).
+    pub records: usize,
+    pub last_rx: Instant,
+    pub last_tx: Instant,
+}
+
+impl Conn {
+    pub fn new(s: Session, capacity: usize) -> Self {
+        Self {
+            s,
+            inflight: HashMap::with_capacity(capacity),
+            records: 0,
+            last_rx: Instant::now(),
+            last_tx: Instant::now(),
+        }
+    }
+
+    /// Queue a QoS 1 publish carrying `what`; returns the payload's size.
+    pub fn publish(
+        &mut self,
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+        what: InFlight,
+    ) -> Result<usize, SessionError> {
+        let inflight = &self.inflight;
+        let pkid = self.s.alloc_pkid(|id| inflight.contains_key(&id));
+        let bytes = payload.len();
+        self.s.queue_publish(topic, payload, retain, pkid)?;
+        if matches!(what, InFlight::Records(..)) {
+            self.records += 1;
+        }
+        self.inflight.insert(
+            pkid,
+            Pending {
+                what,
+                queued: Instant::now(),
+                bytes,
+            },
+        );
+        Ok(bytes)
+    }
+
+    /// The publish a PUBACK for `pkid` confirms (None: not one of ours).
+    pub fn acked(&mut self, pkid: u16) -> Option<Pending> {
+        let p = self.inflight.remove(&pkid)?;
+        if matches!(p.what, InFlight::Records(..)) {
+            self.records -= 1;
+        }
+        Some(p)
+    }
+
+    /// Nothing awaits a PUBACK and nothing waits to be written.
+    pub fn idle(&self) -> bool {
+        self.inflight.is_empty() && self.s.out.is_empty()
+    }
+
+    /// Once a tick: a keep-alive that expired ends the connection; a quiet one pings.
+    pub fn keep_alive(&mut self, keep_alive: Duration) -> Result<(), SessionError> {
+        if self.last_rx.elapsed() > keep_alive + keep_alive / 2 {
+            return Err(SessionError::KeepAliveTimeout(self.last_rx.elapsed()));
+        }
+        if self.last_tx.elapsed() >= keep_alive && self.s.out.is_empty() {
+            self.s.queue(&Packet::PingReq)?;
+        }
+        Ok(())
+    }
+}
+
+/// The halves of an optional connection, for one `select!` to poll both at once.
+pub fn halves(
+    c: Option<&mut Conn>,
+) -> (
+    Option<&mut FramedRead<OwnedReadHalf, Codec>>,
+    Option<(&mut OwnedWriteHalf, &mut BytesMut)>,
+) {
+    match c {
+        Some(c) => {
+            let (reader, writer, out) = (&mut c.s.reader, &mut c.s.writer, &mut c.s.out);
+            let write = (!out.is_empty()).then_some((writer, out));
+            (Some(reader), write)
+        }
+        None => (None, None),
+    }
+}
+
+/// The next packet from `reader`; never ready without one.
+pub async fn next_packet(
+    reader: Option<&mut FramedRead<OwnedReadHalf, Codec>>,
+) -> Option<Result<Packet, rumqttc::mqttbytes::Error>> {
+    match reader {
+        Some(r) => r.next().await,
+        None => pending().await,
+    }
+}
+
+/// Write some of the buffered bytes; never ready with nothing to write.
+pub async fn write_some(w: Option<(&mut OwnedWriteHalf, &mut BytesMut)>) -> std::io::Result<usize> {
+    match w {
+        Some((w, out)) => w.write_buf(out).await,
+        None => pending().await,
+    }
+}
