@@ -339,11 +339,7 @@ impl Controller {
         let now = (i.link.delivery_rate as f64).max(sample);
         let carried = now >= 0.9 * self.rate.min(self.prev_rate);
         self.prev_rate = self.rate;
-        if !link_limited && sample > self.bw && self.phase == Phase::Track {
-            // An app-limited link tells no bandwidth, but what it delivered it can:
-            // a floor for the estimate (and for the restart after an outage).
-            self.bw = sample;
-        } else if link_limited && sample > 0.0 {
+        if link_limited && sample > 0.0 {
             self.bw = if self.bw == 0.0 || (queue > target && sample < 0.5 * self.bw) {
                 // With a queue the delivery rate is the bottleneck's: a reading of half
                 // the estimate is a step down, not noise (smoothed, the estimate took

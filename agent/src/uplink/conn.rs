@@ -126,13 +126,13 @@ impl Conn {
     }
 }
 
+/// A connection's packet reader.
+pub type Reader = FramedRead<OwnedReadHalf, Codec>;
+/// A connection's writer and the bytes it has yet to write.
+pub type Writer<'a> = (&'a mut OwnedWriteHalf, &'a mut BytesMut);
+
 /// The halves of an optional connection, for one `select!` to poll both at once.
-pub fn halves(
-    c: Option<&mut Conn>,
-) -> (
-    Option<&mut FramedRead<OwnedReadHalf, Codec>>,
-    Option<(&mut OwnedWriteHalf, &mut BytesMut)>,
-) {
+pub fn halves(c: Option<&mut Conn>) -> (Option<&mut Reader>, Option<Writer<'_>>) {
     match c {
         Some(c) => {
             let (reader, writer, out) = (&mut c.s.reader, &mut c.s.writer, &mut c.s.out);
@@ -145,7 +145,7 @@ pub fn halves(
 
 /// The next packet from `reader`; never ready without one.
 pub async fn next_packet(
-    reader: Option<&mut FramedRead<OwnedReadHalf, Codec>>,
+    reader: Option<&mut Reader>,
 ) -> Option<Result<Packet, rumqttc::mqttbytes::Error>> {
     match reader {
         Some(r) => r.next().await,
@@ -154,7 +154,7 @@ pub async fn next_packet(
 }
 
 /// Write some of the buffered bytes; never ready with nothing to write.
-pub async fn write_some(w: Option<(&mut OwnedWriteHalf, &mut BytesMut)>) -> std::io::Result<usize> {
+pub async fn write_some(w: Option<Writer<'_>>) -> std::io::Result<usize> {
     match w {
         Some((w, out)) => w.write_buf(out).await,
         None => pending().await,

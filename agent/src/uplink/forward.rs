@@ -50,6 +50,10 @@ const MAX_ACK_COMMITS: usize = 4;
 /// socket: what a high-priority publish may find ahead of it here (8 KiB is 65 ms at
 /// 1 Mbit/s; 16 KiB, with the kernel's as much again, put its p99 near 2 s).
 const OUT_LIMIT: usize = 8 << 10;
+/// What high priority on its own connection may send ahead of the pacer, bytes: a
+/// live alarm never waits for the batches before it to be paid for (16 KiB is 130 ms
+/// at 1 Mbit/s); a backlog of alarms is paced once it has used this up.
+const HIGH_DEBT: f64 = 16_384.0;
 /// On shutdown, wait this long for outstanding PUBACKs before disconnecting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -107,7 +111,8 @@ mod broker;
 
 /// How a session ended.
 enum End {
-    Shutdown(Conn, Option<Conn>),
+    // Boxed: the session's connections are large and a session ends once.
+    Shutdown(Box<(Conn, Option<Conn>)>),
     Lost(UplinkError),
 }
 
@@ -120,6 +125,16 @@ enum Pick {
     High,
     /// All but high priority (which has a connection of its own).
     NotHigh,
+}
+
+/// Why the high-priority connection stopped taking records.
+enum Flow {
+    /// Nothing more is ready: the rest may go.
+    Dry,
+    /// Its window or unwritten bytes are full.
+    Full,
+    /// The pacer holds it back (until then, or until the plan changes).
+    Paced(Option<Instant>),
 }
 
 /// The session's progress, shared by its connections' PUBACK handling.
@@ -222,7 +237,8 @@ impl Forwarder {
                     });
                     let mut productive = false;
                     match self.serve(session, express, &cancel, &mut productive).await {
-                        End::Shutdown(bulk, express) => {
+                        End::Shutdown(conns) => {
+                            let (bulk, express) = *conns;
                             if let Some(c) = express {
                                 c.s.disconnect(Duration::from_secs(1)).await;
                             }
@@ -309,17 +325,26 @@ impl Forwarder {
                 // TCP_NOTSENT_LOWAT it is writable only when little is unsent, so data
                 // waits here, where a high-priority publish can still overtake it,
                 // not in a socket buffer in front of it.
-                // High priority is not held back by the pacer or the window, only by
-                // the socket: it is what the link must carry first (its bytes still
-                // count, so the rest yields to it). A publish beyond the window is
-                // never more than the socket takes.
-                // While the link is down nothing is sent.
-                // With a connection of its own, high priority still goes first: the
-                // rest waits while that connection is full of it (a backlog after an
-                // outage), and shares the link once it runs dry.
+                // High priority is not held back by the window, only by the socket:
+                // it is what the link must carry first (its bytes still count, so the
+                // rest yields to it). A publish beyond the window is never more than
+                // the socket takes. While the link is down nothing is sent.
+                // With a connection of its own it goes first — the rest waits while
+                // it is full or waits for the pacer (a backlog after an outage) and
+                // shares the link once it runs dry — and it is paced: alone on the
+                // link it would otherwise fill the bottleneck's buffer. Sharing the
+                // connection it bypasses the pacer too (it would queue behind the
+                // batches the pacer lets through).
                 let high_waiting = match express.as_mut() {
-                    Some(hi) => match self.send_records(hi, Pick::High, window).await {
-                        Ok(dry) => !dry,
+                    Some(hi) => match self.send_records(hi, window).await {
+                        Ok(Flow::Dry) => false,
+                        Ok(Flow::Full) => true,
+                        Ok(Flow::Paced(until)) => {
+                            if let Some(t) = until {
+                                pace_deadline = Some(tokio::time::Instant::from_std(t));
+                            }
+                            true
+                        }
                         Err(e) => break 'session End::Lost(e),
                     },
                     None => false,
@@ -350,7 +375,7 @@ impl Forwarder {
                     }
                 }
             } else if bulk.idle() && express.as_ref().is_none_or(Conn::idle) {
-                break 'session End::Shutdown(bulk, express);
+                break 'session End::Shutdown(Box::new((bulk, express)));
             }
             for lane in &mut self.lanes {
                 if !lane.acked.is_empty() && ack_commits.len() < MAX_ACK_COMMITS {
@@ -370,7 +395,7 @@ impl Forwarder {
                 _ = cancel.cancelled(), if drain_deadline.is_none() => {
                     drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                 }
-                _ = sleep_until_opt(drain_deadline) => break 'session End::Shutdown(bulk, express),
+                _ = sleep_until_opt(drain_deadline) => break 'session End::Shutdown(Box::new((bulk, express))),
                 _ = sleep_until_opt(linger_deadline) => {
                     let now = tokio::time::Instant::now();
                     for lane in &mut self.lanes {
@@ -456,9 +481,7 @@ impl Forwarder {
         }
         self.packer.session_lost();
         let unacknowledged = match &end {
-            End::Shutdown(bulk, express) => {
-                bulk.records + express.as_ref().map_or(0, |c| c.records)
-            }
+            End::Shutdown(conns) => conns.0.records + conns.1.as_ref().map_or(0, |c| c.records),
             // The connections are gone with their counts; what they held is still stored.
             End::Lost(_) => 0,
         };
@@ -468,31 +491,29 @@ impl Forwarder {
                 "records in flight stay buffered and will be sent again"
             );
         }
-        if let End::Shutdown(mut bulk, mut express) = end {
-            if let Some(c) = express.as_mut() {
+        if let End::Shutdown(mut conns) = end {
+            if let Some(c) = conns.1.as_mut() {
                 let _ = c.s.writer.flush().await;
             }
-            let _ = bulk.s.writer.flush().await;
-            return End::Shutdown(bulk, express);
+            let _ = conns.0.s.writer.flush().await;
+            return End::Shutdown(conns);
         }
         end
     }
 
-    /// Publish records on `c` while it takes them: at most `window` awaiting PUBACK,
-    /// less than `OUT_LIMIT` unwritten, nothing while the link is down. True when the
-    /// lanes ran dry (nothing more is ready), false when `c` stopped taking.
-    async fn send_records(
-        &mut self,
-        c: &mut Conn,
-        pick: Pick,
-        window: usize,
-    ) -> Result<bool, UplinkError> {
-        while c.records < window && c.s.out.len() < OUT_LIMIT && !self.pacer.plan().paused {
-            if !self.send_one(c, pick).await? {
-                return Ok(true);
+    /// Publish high-priority records on `c` while it takes them: at most `window`
+    /// awaiting PUBACK, less than `OUT_LIMIT` unwritten, at the pacer's rate, nothing
+    /// while the link is down.
+    async fn send_records(&mut self, c: &mut Conn, window: usize) -> Result<Flow, UplinkError> {
+        while c.records < window && c.s.out.len() < OUT_LIMIT {
+            if let Err(until) = self.pacer.may_send_rate(Instant::now(), HIGH_DEBT) {
+                return Ok(Flow::Paced(until));
+            }
+            if !self.send_one(c, Pick::High).await? {
+                return Ok(Flow::Dry);
             }
         }
-        Ok(false)
+        Ok(Flow::Full)
     }
 
     /// Publish the next unit of the lanes `pick` allows on `c`; false: none is ready.

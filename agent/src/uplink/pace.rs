@@ -85,6 +85,26 @@ impl Pacer {
         Err(Some(now + Duration::from_secs_f64(wait)))
     }
 
+    /// `may_send` by the rate alone, not the window, and allowed `debt` bytes beyond
+    /// it: for high priority, which the window must never hold back and which should
+    /// not wait for the rest's batches to be paid for (the debt is repaid by what
+    /// follows), but which must not flood the link either (a backlog of it after an
+    /// outage would fill the bottleneck's buffer).
+    pub fn may_send_rate(&mut self, now: Instant, debt: f64) -> Result<(), Option<Instant>> {
+        if self.plan.paused {
+            return Err(None);
+        }
+        if self.unlimited() {
+            return Ok(());
+        }
+        self.refill(now);
+        if self.tokens >= -debt {
+            return Ok(());
+        }
+        let wait = (-debt - self.tokens) / (self.plan.rate.max(1) as f64);
+        Err(Some(now + Duration::from_secs_f64(wait)))
+    }
+
     pub fn sent(&mut self, bytes: usize) {
         self.inflight_bytes += bytes as u64;
         if !self.unlimited() {
@@ -326,6 +346,31 @@ mod tests {
             }
         }
         assert!((sent as f64 - 100_000.0).abs() <= 10_000.0, "{sent}");
+    }
+
+    #[test]
+    fn high_priority_may_run_a_bounded_debt_and_ignores_the_window() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(plan(10_000, 1_000));
+        p.refilled = t0;
+        p.sent(5_000);
+        assert_eq!(p.may_send(t0), Err(None), "the window holds the rest back");
+        assert_eq!(p.may_send_rate(t0, 8_000.0), Ok(()), "within its debt");
+        p.sent(4_000);
+        let Err(Some(at)) = p.may_send_rate(t0, 8_000.0) else {
+            panic!("9 kB owed, 8 kB allowed: must wait");
+        };
+        assert_eq!(at, t0 + Duration::from_millis(100));
+        assert_eq!(p.may_send_rate(at, 8_000.0), Ok(()));
+        p.set_plan(Plan {
+            paused: true,
+            ..plan(10_000, 1_000)
+        });
+        assert_eq!(
+            p.may_send_rate(at, 8_000.0),
+            Err(None),
+            "never while paused"
+        );
     }
 
     #[test]
