@@ -310,14 +310,14 @@ impl Forwarder {
                 while let Some(a) = self.packer.announcement() {
                     let what = InFlight::Announcement(a.token);
                     if let Err(e) = bulk.publish(a.topic, a.payload, true, what) {
-                        break 'session End::Lost(e.into());
+                        break 'session Err(e.into());
                     }
                 }
             }
             if drain_deadline.is_none() && look_for_gaps && progress.gaps_reporting == 0 {
                 look_for_gaps = false;
                 if let Err(e) = self.report_gaps(&mut bulk, &mut progress).await {
-                    break 'session End::Lost(e);
+                    break 'session Err(e);
                 }
             }
             if drain_deadline.is_none() {
@@ -345,7 +345,7 @@ impl Forwarder {
                             }
                             true
                         }
-                        Err(e) => break 'session End::Lost(e),
+                        Err(e) => break 'session Err(e),
                     },
                     None => false,
                 };
@@ -371,11 +371,11 @@ impl Forwarder {
                     match self.send_one(&mut bulk, pick).await {
                         Ok(true) => {}
                         Ok(false) => break,
-                        Err(e) => break 'session End::Lost(e),
+                        Err(e) => break 'session Err(e),
                     }
                 }
             } else if bulk.idle() && express.as_ref().is_none_or(Conn::idle) {
-                break 'session End::Shutdown(Box::new((bulk, express)));
+                break 'session Ok(());
             }
             for lane in &mut self.lanes {
                 if !lane.acked.is_empty() && ack_commits.len() < MAX_ACK_COMMITS {
@@ -395,7 +395,7 @@ impl Forwarder {
                 _ = cancel.cancelled(), if drain_deadline.is_none() => {
                     drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                 }
-                _ = sleep_until_opt(drain_deadline) => break 'session End::Shutdown(Box::new((bulk, express))),
+                _ = sleep_until_opt(drain_deadline) => break 'session Ok(()),
                 _ = sleep_until_opt(linger_deadline) => {
                     let now = tokio::time::Instant::now();
                     for lane in &mut self.lanes {
@@ -408,28 +408,28 @@ impl Forwarder {
                 packet = conn::next_packet(hi_reader) => {
                     if let Some(hi) = express.as_mut() {
                         if let Err(e) = self.on_packet(hi, packet, &mut progress).await {
-                            break 'session End::Lost(e);
+                            break 'session Err(e);
                         }
                     }
                 }
                 packet = bulk.s.reader.next() => {
                     if let Err(e) = self.on_packet(&mut bulk, packet, &mut progress).await {
-                        break 'session End::Lost(e);
+                        break 'session Err(e);
                     }
                 }
                 written = conn::write_some(hi_writer) => match written {
-                    Ok(0) => break 'session End::Lost(SessionError::Closed.into()),
+                    Ok(0) => break 'session Err(SessionError::Closed.into()),
                     Ok(_) => {
                         if let Some(hi) = express.as_mut() {
                             hi.last_tx = Instant::now();
                         }
                     }
-                    Err(e) => break 'session End::Lost(SessionError::Io(e).into()),
+                    Err(e) => break 'session Err(SessionError::Io(e).into()),
                 },
                 written = bulk.s.writer.write_buf(&mut bulk.s.out), if !bulk.s.out.is_empty() => match written {
-                    Ok(0) => break 'session End::Lost(SessionError::Closed.into()),
+                    Ok(0) => break 'session Err(SessionError::Closed.into()),
                     Ok(_) => bulk.last_tx = Instant::now(),
-                    Err(e) => break 'session End::Lost(SessionError::Io(e).into()),
+                    Err(e) => break 'session Err(SessionError::Io(e).into()),
                 },
                 Some(done) = ack_commits.next(), if !ack_commits.is_empty() => {
                     if let Err(e) = done {
@@ -456,7 +456,7 @@ impl Forwarder {
                     self.replan();
                     for c in std::iter::once(&mut bulk).chain(express.as_mut()) {
                         if let Err(e) = c.keep_alive(keep_alive) {
-                            break 'session End::Lost(e.into());
+                            break 'session Err(e.into());
                         }
                     }
                 }
@@ -480,25 +480,21 @@ impl Forwarder {
             }
         }
         self.packer.session_lost();
-        let unacknowledged = match &end {
-            End::Shutdown(conns) => conns.0.records + conns.1.as_ref().map_or(0, |c| c.records),
-            // The connections are gone with their counts; what they held is still stored.
-            End::Lost(_) => 0,
-        };
+        let unacknowledged = bulk.records + express.as_ref().map_or(0, |c| c.records);
         if unacknowledged > 0 {
             tracing::info!(
                 unacknowledged,
                 "records in flight stay buffered and will be sent again"
             );
         }
-        if let End::Shutdown(mut conns) = end {
-            if let Some(c) = conns.1.as_mut() {
-                let _ = c.s.writer.flush().await;
-            }
-            let _ = conns.0.s.writer.flush().await;
-            return End::Shutdown(conns);
+        if let Err(e) = end {
+            return End::Lost(e);
         }
-        end
+        if let Some(c) = express.as_mut() {
+            let _ = c.s.writer.flush().await;
+        }
+        let _ = bulk.s.writer.flush().await;
+        End::Shutdown(Box::new((bulk, express)))
     }
 
     /// Publish high-priority records on `c` while it takes them: at most `window`

@@ -74,15 +74,7 @@ impl Pacer {
         if self.inflight_bytes > 0 && self.inflight_bytes >= self.plan.window {
             return Err(None);
         }
-        if self.unlimited() {
-            return Ok(());
-        }
-        self.refill(now);
-        if self.tokens >= 0.0 {
-            return Ok(());
-        }
-        let wait = -self.tokens / (self.plan.rate.max(1) as f64);
-        Err(Some(now + Duration::from_secs_f64(wait)))
+        self.may_send_rate(now, 0.0)
     }
 
     /// `may_send` by the rate alone, not the window, and allowed `debt` bytes beyond
