@@ -46,8 +46,18 @@ const PROBE_GAIN: f64 = 1.05;
 /// rate a false "room" must cost a small queue, not a doubled rate's full buffer.
 const ROOM_TICKS: u32 = 2;
 const ROOM_GAIN: f64 = 1.25;
-/// Growth per tick in startup.
-const STARTUP_GAIN: f64 = 2.0;
+/// What the link must deliver, relative to the ask before the room gain, for the room
+/// to be real (most of the 25 % asked).
+const ROOM_GROWTH: f64 = 1.15;
+/// Growth per tick in startup: 1.5, not BBR's 2 per round trip, because a tick is a
+/// second, several round trips, and what the link delivers says nothing of its rate
+/// until the ask passes it. The tick that passes it queues (gain − 1) × the link's
+/// rate for a second: with 2 that was a second of queue, more than a 1 Mbit/s link's
+/// 64 KiB buffer holds, and its losses stalled the drain of an outage's backlog.
+const STARTUP_GAIN: f64 = 1.5;
+/// Growth once a queue has begun to form (above a quarter of the target): the link is
+/// near, and this tick's overshoot is what the buffer must hold.
+const NEAR_GAIN: f64 = 1.25;
 /// Weight of a new delivery sample in the bandwidth estimate.
 const BW_ALPHA: f64 = 0.2;
 /// Slowest rate ever planned, bytes/s (a paused link is `paused`, not rate 0).
@@ -171,6 +181,10 @@ pub struct Controller {
     startup_best: f64,
     /// Tracking ticks in which the link carried every ask without a queue.
     room: u32,
+    /// The ask before the room gain.
+    room_from: f64,
+    /// Ticks in a row whose delivery was under half the estimate with a queue.
+    low_ticks: u32,
     /// After a reconnect, startup stops at the bandwidth measured before it: the link is
     /// known, and doubling past it into a full backlog fills the bottleneck's buffer
     /// (its losses then stall the drain). More is found by tracking's room test.
@@ -206,6 +220,8 @@ impl Controller {
             stalls: 0,
             startup_best: 0.0,
             room: 0,
+            room_from: 0.0,
+            low_ticks: 0,
             resume_at: None,
             was_up: false,
             degraded: Degradation::default(),
@@ -339,12 +355,18 @@ impl Controller {
         let now = (i.link.delivery_rate as f64).max(sample);
         let carried = now >= 0.9 * self.rate.min(self.prev_rate);
         self.prev_rate = self.rate;
+        let low = link_limited && sample > 0.0 && queue > target && sample < 0.5 * self.bw;
+        self.low_ticks = if low { self.low_ticks + 1 } else { 0 };
         if link_limited && sample > 0.0 {
-            self.bw = if self.bw == 0.0 || (queue > target && sample < 0.5 * self.bw) {
-                // With a queue the delivery rate is the bottleneck's: a reading of half
-                // the estimate is a step down, not noise (smoothed, the estimate took
-                // ten seconds to follow one, and kept the queue full meanwhile).
+            self.bw = if self.bw == 0.0 || self.low_ticks >= 2 {
+                // With a queue the delivery rate is the bottleneck's: two readings of
+                // half the estimate are a step down, not noise (smoothed, the estimate
+                // took ten seconds to follow one, and kept the queue full meanwhile).
+                // Not one: a lossy link's retransmission timeout stalls delivery for
+                // a second or more, and taken for a step it halved the rate for ten.
                 sample
+            } else if low {
+                self.bw
             } else if self.resume_at.is_some() {
                 // Resuming: the estimate from before the outage stands until the link
                 // is full again (the first readings are a new connection's).
@@ -374,12 +396,20 @@ impl Controller {
                 } else if link_limited {
                     // A link that carried the whole ask is measured by the ask (the
                     // delivery sample lags it by part of a tick).
-                    let known = if carried {
+                    // Carried by this tick's own reading against this tick's ask: the
+                    // leniency of `carried` (the smaller of two asks) would grow an ask
+                    // the link no longer keeps up with.
+                    let known = if now >= 0.9 * self.rate {
                         self.rate.max(sample)
                     } else {
-                        sample
+                        now.max(sample)
                     };
-                    let asked = known.max(self.s.initial_rate as f64) * STARTUP_GAIN;
+                    let growth = if queue > target / 4.0 {
+                        NEAR_GAIN
+                    } else {
+                        STARTUP_GAIN
+                    };
+                    let asked = known.max(self.s.initial_rate as f64) * growth;
                     // Resuming, the restart rate (half the known bandwidth) is a floor:
                     // a new connection's first readings (TCP's slow start, or only
                     // high priority's connection busy) must not talk it down.
@@ -401,7 +431,23 @@ impl Controller {
                 } else {
                     0
                 };
-                if self.room > ROOM_TICKS {
+                // Startup again only once the link delivered more than the ask before
+                // the room gain: "carried" (against the smaller of the last two asks,
+                // the leniency a steady ask needs) let the link's own rate pass for
+                // room, and startup re-entered from there filled the buffer. A
+                // reading may lag the ask by a tick: one tick of patience.
+                let grew = now >= ROOM_GROWTH * self.room_from;
+                let mut hold = false;
+                if self.room > ROOM_TICKS && !grew {
+                    if self.room > ROOM_TICKS + 1 {
+                        self.room = 0;
+                    } else {
+                        hold = true;
+                    }
+                }
+                if hold {
+                    // The raised ask stands until a reading that may lag has caught up.
+                } else if self.room > ROOM_TICKS {
                     // Every ask carried and still no queue: the link got faster.
                     self.phase = Phase::Startup;
                     self.stalls = 0;
@@ -410,6 +456,7 @@ impl Controller {
                     self.rate *= STARTUP_GAIN;
                 } else if self.room == ROOM_TICKS {
                     // Of the ask, not of a reading that may be a spike.
+                    self.room_from = self.rate;
                     self.rate *= ROOM_GAIN;
                 } else if queue < target && carried && link_limited {
                     // Below the target and the link took all of it: ask more of the ask
