@@ -54,18 +54,22 @@ fn received(sub: &Subscriber) -> HashMap<String, HashMap<String, usize>> {
 /// Start the agent, check its log says `expect_log`, send 2,000 telemetry records and
 /// 200 alarms, and wait until each arrived exactly once on its stream's topic.
 fn run(broker: &Mosquitto, extra: &str, expect_log: &str) -> (Agent, tempfile::TempDir) {
+    run_via(broker, &broker.url(), extra, expect_log)
+}
+
+/// As `run`, with the agent's upstream at `url` (the broker, or a proxy to it).
+fn run_via(
+    broker: &Mosquitto,
+    url: &str,
+    extra: &str,
+    expect_log: &str,
+) -> (Agent, tempfile::TempDir) {
     let mut sub = Subscriber::start(broker.port, "up/batch/#");
     let dir = tempfile::tempdir().expect("tempdir");
     let (alarm, telemetry) = (free_port(), free_port());
     let agent = Agent::start(
         dir.path(),
-        &config(
-            &dir.path().join("data"),
-            &broker.url(),
-            alarm,
-            telemetry,
-            extra,
-        ),
+        &config(&dir.path().join("data"), url, alarm, telemetry, extra),
     );
     agent.wait_for_log(expect_log, SOON);
     send(telemetry, "t", 2000);
@@ -114,5 +118,56 @@ fn priority_connection_off_opens_one_session() {
             .iter()
             .any(|l| l.contains("for high priority")),
         "no second session when priority_connection = false"
+    );
+}
+
+/// A broker that takes one session and refuses every other one (CONNACK "not
+/// authorized", as a broker whose ACL allows only the gateway's own client id): a TCP
+/// relay to the real mosquitto for the first connection.
+fn one_session_proxy(broker: &Mosquitto) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let port = listener.local_addr().expect("proxy addr").port();
+    let upstream = broker.port;
+    std::thread::spawn(move || {
+        let mut first = true;
+        for conn in listener.incoming() {
+            let Ok(mut client) = conn else { continue };
+            if !first {
+                // Read the CONNECT, refuse it, close.
+                let mut buf = [0u8; 512];
+                let _ = client.read(&mut buf);
+                let _ = client.write_all(&[0x20, 0x02, 0x00, 0x05]);
+                continue;
+            }
+            first = false;
+            let server = TcpStream::connect(("127.0.0.1", upstream)).expect("proxy upstream");
+            let (mut c2, mut s2) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            let (mut c1, mut s1) = (client, server);
+            std::thread::spawn(move || std::io::copy(&mut c1, &mut s1));
+            std::thread::spawn(move || std::io::copy(&mut s2, &mut c2));
+        }
+    });
+    format!("mqtt://127.0.0.1:{port}")
+}
+
+#[test]
+fn a_refused_second_connection_falls_back_to_one() {
+    let broker = Mosquitto::start();
+    let url = one_session_proxy(&broker);
+    let (agent, _dir) = run_via(
+        &broker,
+        &url,
+        "",
+        "no connection of its own for high priority",
+    );
+    assert!(
+        !agent
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("connected upstream for high priority")),
+        "the refused second session is not reported connected"
     );
 }

@@ -11,14 +11,16 @@
 //! half of the queue above `target_queue` within the next tick (at most ×0.5 — a queue
 //! of seconds drains in a few), or offers `PROBE_GAIN` more while the queue is below
 //! it: the bottleneck stays busy with a queue of tens of milliseconds, never full, so
-//! data sent later (high priority) is not stuck behind seconds of it. Startup doubles
-//! the rate each tick until a queue forms or the link stops keeping up; a link that
-//! carries every ask without a queue for `ROOM_TICKS` is asked `ROOM_GAIN` more, and
-//! if it carries that too it got faster: startup again.
+//! data sent later (high priority) is not stuck behind seconds of it. Startup grows
+//! the rate by `STARTUP_GAIN` each tick until a queue stands or the link stops keeping
+//! up; a link that carries every ask without a queue for `ROOM_TICKS` is asked
+//! `ROOM_GAIN` more, and if it then delivers more than before it got faster: startup
+//! again.
 //!
 //! Invariants: the rate never exceeds `max_rate`; a link that is down pauses sending
 //! (ingest goes on into the buffer); after an outage the rate restarts from the last
-//! bandwidth estimate halved and grows again (no flood); with `adapt = false` the plan
+//! bandwidth estimate halved and grows again (no flood; no tick's growth can overflow
+//! a buffer of half a second at the link's rate); with `adapt = false` the plan
 //! is the configured fixed one.
 
 use std::collections::VecDeque;
@@ -185,6 +187,8 @@ pub struct Controller {
     room_from: f64,
     /// Ticks in a row whose delivery was under half the estimate with a queue.
     low_ticks: u32,
+    /// Connected, and no recent RTT sample on this connection yet.
+    fresh: bool,
     /// After a reconnect, startup stops at the bandwidth measured before it: the link is
     /// known, and doubling past it into a full backlog fills the bottleneck's buffer
     /// (its losses then stall the drain). More is found by tracking's room test.
@@ -222,6 +226,7 @@ impl Controller {
             room: 0,
             room_from: 0.0,
             low_ticks: 0,
+            fresh: false,
             resume_at: None,
             was_up: false,
             degraded: Degradation::default(),
@@ -319,6 +324,7 @@ impl Controller {
             // (Re)connected: restart below what the link did before, then grow from
             // the next tick on.
             self.was_up = true;
+            self.fresh = true;
             if self.bw > 0.0 {
                 self.rate = (self.bw / 2.0)
                     .max(self.s.initial_rate as f64)
@@ -335,7 +341,20 @@ impl Controller {
             }
         }
         let sample = self.delivered(i);
-        let rtt = rtt_now(&i.link);
+        // A new connection's smoothed RTT is no queue reading: it starts from the
+        // handshake (seconds, when SYNs were retransmitted through the outage) and
+        // crept up to 1.2 s on a 300 ms link; taken for a standing queue it ended the
+        // restart at half the link for ten seconds. Until the link monitor has a recent
+        // sample of its own, the queue is unknown (taken as none: startup's step
+        // growth and the resume floor bound the ask meanwhile).
+        if !i.link.rtt_recent.is_zero() {
+            self.fresh = false;
+        }
+        let rtt = if self.fresh {
+            Duration::ZERO
+        } else {
+            rtt_now(&i.link)
+        };
         if !rtt.is_zero() {
             self.rtt.push_back(rtt);
             while self.rtt.len() > RTT_WINDOW {
@@ -343,9 +362,14 @@ impl Controller {
             }
         }
         let base = self.base_rtt();
-        let queue = rtt.saturating_sub(base).as_secs_f64();
+        let queue = if rtt.is_zero() {
+            0.0
+        } else {
+            rtt.saturating_sub(base).as_secs_f64()
+        };
         let target = target_queue(base, self.bw.max(sample)).as_secs_f64();
         let standing = !base.is_zero()
+            && !rtt.is_zero()
             && queue > base.as_secs_f64() * INFLATION + INFLATION_FIXED.as_secs_f64() + target;
         // Only a link with data waiting tells its bandwidth: an idle one is app-limited.
         let link_limited = i.backlog_bytes as f64 * i.wire_ratio.clamp(0.0, 1.0) > self.rate;
