@@ -470,14 +470,20 @@ impl Controller {
                     }
                 }
                 if hold {
-                    // The raised ask stands until a reading that may lag has caught up.
+                    // Back to the ask before while a reading that may lag catches up:
+                    // held at the raised ask, a false room queued a quarter of the link
+                    // rate for two seconds and overflowed the lab's buffer.
+                    self.rate = self.room_from;
                 } else if self.room > ROOM_TICKS {
                     // Every ask carried and still no queue: the link got faster.
                     self.phase = Phase::Startup;
                     self.stalls = 0;
                     self.resume_at = None;
                     self.startup_best = now;
-                    self.rate *= STARTUP_GAIN;
+                    // At the raised ask, which the link carried; startup's growth
+                    // from the next tick on (a reading spike may have passed for
+                    // growth: a step past the raised ask overflowed the buffer).
+                    self.rate = self.rate.max(self.room_from * ROOM_GAIN);
                 } else if self.room == ROOM_TICKS {
                     // Of the ask, not of a reading that may be a spike.
                     self.room_from = self.rate;
