@@ -11,16 +11,14 @@
 //! half of the queue above `target_queue` within the next tick (at most ×0.5 — a queue
 //! of seconds drains in a few), or offers `PROBE_GAIN` more while the queue is below
 //! it: the bottleneck stays busy with a queue of tens of milliseconds, never full, so
-//! data sent later (high priority) is not stuck behind seconds of it. Startup grows
-//! the rate by `STARTUP_GAIN` each tick until a queue stands or the link stops keeping
-//! up; a link that carries every ask without a queue for `ROOM_TICKS` is asked
-//! `ROOM_GAIN` more, and if it then delivers more than before it got faster: startup
-//! again.
+//! data sent later (high priority) is not stuck behind seconds of it. Startup doubles
+//! the rate each tick until a queue forms or the link stops keeping up; a link that
+//! carries every ask without a queue for `ROOM_TICKS` is asked `ROOM_GAIN` more, and
+//! if it carries that too it got faster: startup again.
 //!
 //! Invariants: the rate never exceeds `max_rate`; a link that is down pauses sending
 //! (ingest goes on into the buffer); after an outage the rate restarts from the last
-//! bandwidth estimate halved and grows again (no flood; no tick's growth can overflow
-//! a buffer of half a second at the link's rate); with `adapt = false` the plan
+//! bandwidth estimate halved and grows again (no flood); with `adapt = false` the plan
 //! is the configured fixed one.
 
 use std::collections::VecDeque;
@@ -48,18 +46,8 @@ const PROBE_GAIN: f64 = 1.05;
 /// rate a false "room" must cost a small queue, not a doubled rate's full buffer.
 const ROOM_TICKS: u32 = 2;
 const ROOM_GAIN: f64 = 1.25;
-/// What the link must deliver, relative to the ask before the room gain, for the room
-/// to be real (most of the 25 % asked).
-const ROOM_GROWTH: f64 = 1.15;
-/// Growth per tick in startup: 1.5, not BBR's 2 per round trip, because a tick is a
-/// second, several round trips, and what the link delivers says nothing of its rate
-/// until the ask passes it. The tick that passes it queues (gain − 1) × the link's
-/// rate for a second: with 2 that was a second of queue, more than a 1 Mbit/s link's
-/// 64 KiB buffer holds, and its losses stalled the drain of an outage's backlog.
-const STARTUP_GAIN: f64 = 1.5;
-/// Growth once a queue has begun to form (above a quarter of the target): the link is
-/// near, and this tick's overshoot is what the buffer must hold.
-const NEAR_GAIN: f64 = 1.25;
+/// Growth per tick in startup.
+const STARTUP_GAIN: f64 = 2.0;
 /// Weight of a new delivery sample in the bandwidth estimate.
 const BW_ALPHA: f64 = 0.2;
 /// Slowest rate ever planned, bytes/s (a paused link is `paused`, not rate 0).
@@ -183,12 +171,6 @@ pub struct Controller {
     startup_best: f64,
     /// Tracking ticks in which the link carried every ask without a queue.
     room: u32,
-    /// The ask before the room gain.
-    room_from: f64,
-    /// Ticks in a row whose delivery was under half the estimate with a queue.
-    low_ticks: u32,
-    /// Connected, and no recent RTT sample on this connection yet.
-    fresh: bool,
     /// After a reconnect, startup stops at the bandwidth measured before it: the link is
     /// known, and doubling past it into a full backlog fills the bottleneck's buffer
     /// (its losses then stall the drain). More is found by tracking's room test.
@@ -224,9 +206,6 @@ impl Controller {
             stalls: 0,
             startup_best: 0.0,
             room: 0,
-            room_from: 0.0,
-            low_ticks: 0,
-            fresh: false,
             resume_at: None,
             was_up: false,
             degraded: Degradation::default(),
@@ -324,7 +303,6 @@ impl Controller {
             // (Re)connected: restart below what the link did before, then grow from
             // the next tick on.
             self.was_up = true;
-            self.fresh = true;
             if self.bw > 0.0 {
                 self.rate = (self.bw / 2.0)
                     .max(self.s.initial_rate as f64)
@@ -341,20 +319,7 @@ impl Controller {
             }
         }
         let sample = self.delivered(i);
-        // A new connection's smoothed RTT is no queue reading: it starts from the
-        // handshake (seconds, when SYNs were retransmitted through the outage) and
-        // crept up to 1.2 s on a 300 ms link; taken for a standing queue it ended the
-        // restart at half the link for ten seconds. Until the link monitor has a recent
-        // sample of its own, the queue is unknown (taken as none: startup's step
-        // growth and the resume floor bound the ask meanwhile).
-        if !i.link.rtt_recent.is_zero() {
-            self.fresh = false;
-        }
-        let rtt = if self.fresh {
-            Duration::ZERO
-        } else {
-            rtt_now(&i.link)
-        };
+        let rtt = rtt_now(&i.link);
         if !rtt.is_zero() {
             self.rtt.push_back(rtt);
             while self.rtt.len() > RTT_WINDOW {
@@ -362,14 +327,9 @@ impl Controller {
             }
         }
         let base = self.base_rtt();
-        let queue = if rtt.is_zero() {
-            0.0
-        } else {
-            rtt.saturating_sub(base).as_secs_f64()
-        };
+        let queue = rtt.saturating_sub(base).as_secs_f64();
         let target = target_queue(base, self.bw.max(sample)).as_secs_f64();
         let standing = !base.is_zero()
-            && !rtt.is_zero()
             && queue > base.as_secs_f64() * INFLATION + INFLATION_FIXED.as_secs_f64() + target;
         // Only a link with data waiting tells its bandwidth: an idle one is app-limited.
         let link_limited = i.backlog_bytes as f64 * i.wire_ratio.clamp(0.0, 1.0) > self.rate;
@@ -379,18 +339,12 @@ impl Controller {
         let now = (i.link.delivery_rate as f64).max(sample);
         let carried = now >= 0.9 * self.rate.min(self.prev_rate);
         self.prev_rate = self.rate;
-        let low = link_limited && sample > 0.0 && queue > target && sample < 0.5 * self.bw;
-        self.low_ticks = if low { self.low_ticks + 1 } else { 0 };
         if link_limited && sample > 0.0 {
-            self.bw = if self.bw == 0.0 || self.low_ticks >= 2 {
-                // With a queue the delivery rate is the bottleneck's: two readings of
-                // half the estimate are a step down, not noise (smoothed, the estimate
-                // took ten seconds to follow one, and kept the queue full meanwhile).
-                // Not one: a lossy link's retransmission timeout stalls delivery for
-                // a second or more, and taken for a step it halved the rate for ten.
+            self.bw = if self.bw == 0.0 || (queue > target && sample < 0.5 * self.bw) {
+                // With a queue the delivery rate is the bottleneck's: a reading of half
+                // the estimate is a step down, not noise (smoothed, the estimate took
+                // ten seconds to follow one, and kept the queue full meanwhile).
                 sample
-            } else if low {
-                self.bw
             } else if self.resume_at.is_some() {
                 // Resuming: the estimate from before the outage stands until the link
                 // is full again (the first readings are a new connection's).
@@ -420,20 +374,12 @@ impl Controller {
                 } else if link_limited {
                     // A link that carried the whole ask is measured by the ask (the
                     // delivery sample lags it by part of a tick).
-                    // Carried by this tick's own reading against this tick's ask: the
-                    // leniency of `carried` (the smaller of two asks) would grow an ask
-                    // the link no longer keeps up with.
-                    let known = if now >= 0.9 * self.rate {
+                    let known = if carried {
                         self.rate.max(sample)
                     } else {
-                        now.max(sample)
+                        sample
                     };
-                    let growth = if queue > target / 4.0 {
-                        NEAR_GAIN
-                    } else {
-                        STARTUP_GAIN
-                    };
-                    let asked = known.max(self.s.initial_rate as f64) * growth;
+                    let asked = known.max(self.s.initial_rate as f64) * STARTUP_GAIN;
                     // Resuming, the restart rate (half the known bandwidth) is a floor:
                     // a new connection's first readings (TCP's slow start, or only
                     // high priority's connection busy) must not talk it down.
@@ -455,38 +401,15 @@ impl Controller {
                 } else {
                     0
                 };
-                // Startup again only once the link delivered more than the ask before
-                // the room gain: "carried" (against the smaller of the last two asks,
-                // the leniency a steady ask needs) let the link's own rate pass for
-                // room, and startup re-entered from there filled the buffer. A
-                // reading may lag the ask by a tick: one tick of patience.
-                let grew = now >= ROOM_GROWTH * self.room_from;
-                let mut hold = false;
-                if self.room > ROOM_TICKS && !grew {
-                    if self.room > ROOM_TICKS + 1 {
-                        self.room = 0;
-                    } else {
-                        hold = true;
-                    }
-                }
-                if hold {
-                    // Back to the ask before while a reading that may lag catches up:
-                    // held at the raised ask, a false room queued a quarter of the link
-                    // rate for two seconds and overflowed the lab's buffer.
-                    self.rate = self.room_from;
-                } else if self.room > ROOM_TICKS {
+                if self.room > ROOM_TICKS {
                     // Every ask carried and still no queue: the link got faster.
                     self.phase = Phase::Startup;
                     self.stalls = 0;
                     self.resume_at = None;
                     self.startup_best = now;
-                    // At the raised ask, which the link carried; startup's growth
-                    // from the next tick on (a reading spike may have passed for
-                    // growth: a step past the raised ask overflowed the buffer).
-                    self.rate = self.rate.max(self.room_from * ROOM_GAIN);
+                    self.rate *= STARTUP_GAIN;
                 } else if self.room == ROOM_TICKS {
                     // Of the ask, not of a reading that may be a spike.
-                    self.room_from = self.rate;
                     self.rate *= ROOM_GAIN;
                 } else if queue < target && carried && link_limited {
                     // Below the target and the link took all of it: ask more of the ask
