@@ -113,12 +113,14 @@ fn priority_connection_off_opens_one_session() {
         "connected upstream",
     );
     assert!(
-        !agent
-            .log_lines()
-            .iter()
-            .any(|l| l.contains("for high priority")),
+        !logged(&agent, "for high priority"),
         "no second session when priority_connection = false"
     );
+}
+
+/// Whether any line the agent logged contains `text`.
+fn logged(agent: &Agent, text: &str) -> bool {
+    agent.log_lines().iter().any(|l| l.contains(text))
 }
 
 /// A broker that takes one session and refuses every other one (CONNACK "not
@@ -164,10 +166,7 @@ fn a_refused_second_connection_falls_back_to_one() {
         "no connection of its own for high priority",
     );
     assert!(
-        !agent
-            .log_lines()
-            .iter()
-            .any(|l| l.contains("connected upstream for high priority")),
+        !logged(&agent, "connected upstream for high priority"),
         "the refused second session is not reported connected"
     );
 }
