@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod ingest;
 pub mod link;
+pub mod notify;
 pub mod policy;
 pub mod record;
 pub mod store;
@@ -207,6 +208,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let uplink = tokio::spawn(forwarder.run(uplink_cancel.clone()));
 
     tracing::info!(gateway_id = %config.agent.gateway_id, epoch = store.epoch(), "edgerelay ready");
+    notify::notify("READY=1");
     // The writer thread owns the sender of `committed`: if it ever dies, nothing can be
     // acknowledged any more, and the agent must stop (and be restarted) rather than run on.
     let mut writer_alive = store.committed();
@@ -216,6 +218,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         _ = writer_died => Some(RunError::Task("the store writer stopped unexpectedly".into())),
     };
     tracing::info!("shutting down: stopping ingest");
+    notify::notify("STOPPING=1");
 
     ingest_cancel.cancel();
     ingest.wait().await;

@@ -218,3 +218,36 @@ fn decode_prints_the_committed_vectors_as_json_lines() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"));
 }
+
+/// Under systemd (`Type=notify`, packaging/edgerelay.service) the unit is "started" only
+/// when READY=1 arrives: by then the local listener must accept, and on SIGTERM the agent
+/// says STOPPING=1 before it closes down.
+#[test]
+fn tells_systemd_it_is_ready_once_listening_and_when_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = dir.path().join("notify.sock");
+    let manager = UnixDatagram::bind(&sock_path).expect("bind the notify socket");
+    manager.set_read_timeout(Some(SOON)).expect("read timeout");
+    let broker = Mosquitto::start();
+    let port = free_port();
+    let config = agent_config(
+        &dir.path().join("data"),
+        &broker.url(),
+        &local_mqtt_section(port, "[\"#\"]", ""),
+    );
+    let mut agent = Agent::spawn_with_env(
+        dir.path(),
+        &config,
+        &[("NOTIFY_SOCKET", sock_path.to_str().expect("utf-8 path"))],
+    );
+    let mut buf = [0u8; 256];
+    let n = manager.recv(&mut buf).expect("READY=1 within 30 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    std::net::TcpStream::connect(("127.0.0.1", port))
+        .expect("the local MQTT listener accepts once READY=1 was sent");
+    let status = agent.terminate(SOON);
+    assert!(status.success(), "clean stop: {status:?}\n{}", agent.logs());
+    let n = manager.recv(&mut buf).expect("STOPPING=1 on SIGTERM");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}
