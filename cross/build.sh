@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Cross-builds edgerelay for an ARM gateway and, with --test, runs its tests under qemu.
 #
-#   cross/build.sh aarch64|armv7 [--test] [--no-release]
+#   cross/build.sh aarch64|armv7 [--test] [--deb] [--no-release]
 #
 # Always: the stripped release binary target/cross/<triple>/release/edgerelay (its size
-# is printed). --test: the agent's unit tests and the integration tests that need no
+# is printed; over the 6 MB budget fails). --deb: also its .deb in target/deb
+# (packaging/deb.sh). --test: the agent's unit tests and the integration tests that need no
 # network namespaces, run under qemu-user (cross/config.toml's runner); mosquitto and the
 # other peers stay native x86_64 processes. Needs cross/setup.sh (it is run first; as
 # root it installs what is missing, otherwise it only checks).
@@ -12,17 +13,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-}" in
-  aarch64) triple=aarch64-unknown-linux-gnu; qemu=(qemu-aarch64-static -L /usr/aarch64-linux-gnu -E LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib) ;;
-  armv7) triple=armv7-unknown-linux-gnueabihf; qemu=(qemu-arm-static -L /usr/arm-linux-gnueabihf -E LD_LIBRARY_PATH=/usr/arm-linux-gnueabihf/lib) ;;
-  *) echo "usage: cross/build.sh aarch64|armv7 [--test] [--no-release]" >&2; exit 2 ;;
+  aarch64) triple=aarch64-unknown-linux-gnu; debarch=arm64; qemu=(qemu-aarch64-static -L /usr/aarch64-linux-gnu -E LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib) ;;
+  armv7) triple=armv7-unknown-linux-gnueabihf; debarch=armhf; qemu=(qemu-arm-static -L /usr/arm-linux-gnueabihf -E LD_LIBRARY_PATH=/usr/arm-linux-gnueabihf/lib) ;;
+  *) echo "usage: cross/build.sh aarch64|armv7 [--test] [--deb] [--no-release]" >&2; exit 2 ;;
 esac
 shift
 run_tests=false
 release=true
+deb=false
 for a in "$@"; do
   case "$a" in
     --test) run_tests=true ;;
     --no-release) release=false ;;
+    --deb) deb=true ;;
     *) echo "cross/build.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -52,6 +55,9 @@ if $release; then
     echo "cross/build.sh: the $triple binary is over the 6 MB budget" >&2
     exit 1
   fi
+  if $deb; then
+    packaging/deb.sh "$debarch" "$bin"
+  fi
 fi
 
 if $run_tests; then
@@ -69,8 +75,12 @@ if $run_tests; then
     priority_connection socket_ingest)
   tests=()
   for t in "${no_netns[@]}"; do tests+=(--test "$t"); done
-  # qemu-user does not translate SO_NETNS_COOKIE (the test of it needs a real kernel).
-  "${cargo_x[@]}" test --locked --target "$triple" -p edgerelay --lib --bins -- --skip link::sys::tests::reads_the_netns_cookie
+  # Two tests of kernel socket options, skipped by exact name: qemu-user passes
+  # TCP_INFO through as a 4-byte int and does not know SO_NETNS_COOKIE. On a real ARM
+  # kernel both work; under qemu the agent reports TCP_INFO as unsupported (a short
+  # read is an error, not a perfect link) and measures from PUBACKs.
+  "${cargo_x[@]}" test --locked --target "$triple" -p edgerelay --lib --bins -- --exact \
+    --skip link::sys::tests::reads_a_live_connection --skip link::sys::tests::reads_the_netns_cookie
   "${cargo_x[@]}" test --locked --target "$triple" -p edgerelay-tests "${tests[@]}" -- --test-threads=1
 fi
 echo "cross/build.sh: $triple done in $(( $(date +%s) - t0 )) s"

@@ -66,6 +66,9 @@ struct RawTcpInfo {
     delivery_rate: u64,
 }
 
+/// Bytes of `struct tcp_info` up to and including `tcpi_total_retrans` (Linux 2.6).
+const TCP_INFO_CLASSIC_LEN: usize = 104;
+
 /// Read TCP_INFO of `socket` (a connected TCP socket); `connection` tags the sample.
 pub fn read(socket: &impl AsFd, connection: u64) -> std::io::Result<Transport> {
     let mut info = RawTcpInfo::default();
@@ -83,6 +86,15 @@ pub fn read(socket: &impl AsFd, connection: u64) -> std::io::Result<Transport> {
     };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    // Every kernel since 2.6 fills at least the classic 104 bytes (through
+    // total_retrans); less means something between us and the kernel (an emulator, a
+    // sandbox) did not pass the struct through, and zeros would read as a perfect link.
+    if (len as usize) < TCP_INFO_CLASSIC_LEN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("TCP_INFO returned {len} bytes, fewer than the {TCP_INFO_CLASSIC_LEN} every Linux kernel fills"),
+        ));
     }
     Ok(Transport {
         source: Source::TcpInfo,
@@ -190,6 +202,14 @@ mod tests {
         assert!(t.srtt < std::time::Duration::from_millis(100));
         let err = super::read(&std::net::UdpSocket::bind("127.0.0.1:0").expect("udp"), 0);
         assert!(err.is_err(), "not a TCP socket");
+    }
+
+    #[test]
+    fn the_classic_length_ends_at_total_retrans() {
+        assert_eq!(
+            std::mem::offset_of!(super::RawTcpInfo, total_retrans) + 4,
+            super::TCP_INFO_CLASSIC_LEN
+        );
     }
 
     // Apart from the TCP_INFO test: qemu-user does not translate SO_NETNS_COOKIE, so
