@@ -33,7 +33,7 @@ use std::time::Duration;
 
 pub use forward::Stats;
 pub use model::Conditions;
-pub use sys::TcpInfo;
+pub use sys::{is_root, TcpInfo};
 
 /// TCP_INFO of a connected TCP socket (what the kernel measured: RTT, retransmissions).
 pub fn tcp_info(socket: &impl std::os::fd::AsFd) -> std::io::Result<TcpInfo> {

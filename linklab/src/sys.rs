@@ -13,6 +13,7 @@ use std::time::Duration;
 /// sent through it (we forward them; we must not read them back).
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 
+/// Whether this process runs as root (namespaces, veth pairs and package installs need it).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }

@@ -27,7 +27,7 @@ fn stdout(cmd: &mut Command) -> String {
 #[test]
 fn the_deb_installs_a_working_service_and_purges_cleanly() {
     assert!(
-        nix_is_root(),
+        linklab::is_root(),
         "this test installs a package with dpkg: run it as root (sudo scripts/test.sh)"
     );
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -126,8 +126,4 @@ fn the_deb_installs_a_working_service_and_purges_cleanly() {
         !gone.status.success(),
         "the service user is removed on purge"
     );
-}
-
-fn nix_is_root() -> bool {
-    stdout(Command::new("id").arg("-u")).trim() == "0"
 }

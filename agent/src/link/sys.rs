@@ -212,8 +212,8 @@ mod tests {
         );
     }
 
-    // Apart from the TCP_INFO test: qemu-user does not translate SO_NETNS_COOKIE, so
-    // cross/build.sh skips this one (by name) under emulation.
+    // Apart from the TCP_INFO test, so each kernel interface fails on its own; qemu-user
+    // passes neither through, and cross/build.sh skips both by name under emulation.
     #[test]
     fn reads_the_netns_cookie() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
