@@ -877,3 +877,48 @@ pub fn print_control_trace(agent: &Agent, last: usize) {
         eprintln!("{l}");
     }
 }
+
+/// With `EDGERELAY_TEST_TRACE` set: a thread that prints, once a second, what the lab's
+/// bottleneck (`dir`) did in each tenth of it — how busy it was (% of `bits_per_s`),
+/// and the tail drops — next to the wall clock the agent's log uses, so a goodput dip
+/// can be matched to the controller's plan. Stops when `stop` is set.
+pub fn trace_bottleneck(
+    lab: &linklab::Lab,
+    dir: linklab::Dir,
+    bits_per_s: f64,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    if std::env::var_os("EDGERELAY_TEST_TRACE").is_none() {
+        return;
+    }
+    let tenth = Duration::from_millis(100);
+    let mut prev = lab.stats(dir);
+    let mut next = Instant::now() + tenth;
+    let mut busy = Vec::new();
+    let mut drops = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        next += tenth;
+        let s = lab.stats(dir);
+        let bytes = s.bytes_out - prev.bytes_out;
+        busy.push((bytes as f64 * 8.0 / (bits_per_s * 0.1) * 100.0).round() as u32);
+        drops += s.queue_dropped - prev.queue_dropped;
+        prev = s;
+        if busy.len() == 10 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let secs = now.as_secs() % 86_400;
+            eprintln!(
+                "bottleneck {:02}:{:02}:{:02} busy% {:?} mean {} tail-drops {drops}",
+                secs / 3600,
+                secs / 60 % 60,
+                secs % 60,
+                busy,
+                busy.iter().sum::<u32>() / 10
+            );
+            busy.clear();
+            drops = 0;
+        }
+    }
+}

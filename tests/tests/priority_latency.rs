@@ -35,7 +35,7 @@ fn high_priority_overtakes_a_saturating_low_priority_backlog() {
             local_mqtt_section(MQTT_PORT, "[\"#\"]", "")
         ),
     );
-    let _agent = Agent::start_in_netns(lab.namespace(Side::Gateway), dir.path(), &cfg);
+    let agent = Agent::start_in_netns(lab.namespace(Side::Gateway), dir.path(), &cfg);
     let stop = fleet::bulk_feed(&lab, FEED_PORT);
     // Let the backlog build and the controller find the link.
     sub.wait_for("low-priority batches upstream", SOON, |r| {
@@ -59,8 +59,13 @@ fn high_priority_overtakes_a_saturating_low_priority_backlog() {
     let alarms = lab
         .run_in(Side::Gateway, move || Fleet::start(MQTT_PORT, devices))
         .expect("in the lab");
-    wait_until("40 s of alarms under load", Duration::from_secs(60), || {
-        (t0.elapsed() >= Duration::from_secs(40)).then_some(())
+    let tracing = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| trace_bottleneck(&lab, linklab::Dir::Up, 1e6, &tracing));
+        wait_until("40 s of alarms under load", Duration::from_secs(60), || {
+            (t0.elapsed() >= Duration::from_secs(40)).then_some(())
+        });
+        tracing.store(true, Ordering::Relaxed);
     });
     alarms.stop(Duration::from_secs(30));
     let published = alarms.published();
@@ -101,6 +106,9 @@ fn high_priority_overtakes_a_saturating_low_priority_backlog() {
         p(1.0),
         busy * 100.0
     );
+    if std::env::var_os("EDGERELAY_TEST_TRACE").is_some() {
+        print_control_trace(&agent, 100);
+    }
     assert_eq!(lat.len(), published, "every alarm arrives exactly once");
     assert!(
         busy >= 0.8,

@@ -122,7 +122,13 @@ fn fills_a_slow_lossy_link_without_keeping_its_queue_full() {
     // rate ÷ that is the link kept 90 % busy with useful work.
     let c0 = lab.counters(Side::Central).expect("counters");
     let s0 = lab.stats(Dir::Up);
-    let (rate, per_record) = goodput(&mut sub, Duration::from_secs(20));
+    let tracing = AtomicBool::new(false);
+    let (rate, per_record) = std::thread::scope(|scope| {
+        scope.spawn(|| trace_bottleneck(&lab, Dir::Up, 1e6, &tracing));
+        let g = goodput(&mut sub, Duration::from_secs(20));
+        tracing.store(true, Ordering::Relaxed);
+        g
+    });
     let c1 = lab.counters(Side::Central).expect("counters");
     let s1 = lab.stats(Dir::Up);
     stop.store(true, Ordering::Relaxed);
@@ -142,35 +148,31 @@ fn fills_a_slow_lossy_link_without_keeping_its_queue_full() {
         rate / capacity * 100.0,
         queue.as_millis()
     );
-    // The issue's acceptance is 90 %. Measured 84–97 % over 9 runs on 2026-12-02
-    // (91–92 % with the code before the priority connection, 3 runs): the 20-s window
-    // catches a loss-recovery dip in some runs. Guarded at 80 % while issue 7 stays
-    // open on it; the figure is printed.
+    // The issue's acceptance: 90 %. Measured 93–98 % over 11 runs on 2026-12-07 (the
+    // rest is BBR's ProbeRTT, ~0.45 s in 10 s, and loss recoveries).
     assert!(
-        rate >= 0.8 * capacity,
-        "goodput {rate:.0}/s < 80 % of {capacity:.0}/s"
+        rate >= 0.9 * capacity,
+        "goodput {rate:.0}/s < 90 % of {capacity:.0}/s"
     );
     // RTT inflation bounded: the controller does not keep the bottleneck queue full.
     // The lab's queue holds 64 KiB = 0.5 s at 1 Mbit/s; what a frame waited in it is
-    // the RTT inflation, measured where it happens.
-    // Measured 17–163 ms over the same runs: bounded (the queue holds 500 ms), but not
-    // always the tens of milliseconds the controller aims for.
+    // the RTT inflation, measured where it happens. The window aims for 66 ms here;
+    // measured 21–111 ms.
     assert!(
-        queue < Duration::from_millis(250),
+        queue < Duration::from_millis(150),
         "frames waited {} ms on average at the bottleneck: the queue is kept full",
         queue.as_millis()
     );
     let srtt = srtt_of(&quality).expect("srtt in the quality line");
     assert!(srtt > 0.0, "the agent measured its RTT");
-    // Once adapted, the bottleneck's queue rarely overflows. Measured 1.1–3.6 % of
-    // frames tail-dropped in the 20-s window in 7 of 16 runs on 2026-12-02, 2 of 4
-    // with this controller (the room test's and startup's probes meet the lossy
-    // link's bursts; the old 1 % guard had passed CI by luck). Guarded at 5 %: a controller that keeps the buffer full
+    // Once adapted, the bottleneck's queue does not overflow: the window holds at most
+    // its target queue there (no tail drop in any run on 2026-12-07). 1 % allows for a
+    // startup that ends inside the window; a controller that keeps the buffer full
     // drops its whole excess, tens of percent.
     let dropped = s1.queue_dropped - s0.queue_dropped;
     let frames = s1.frames_in - s0.frames_in;
     assert!(
-        dropped * 100 < 5 * frames,
+        dropped * 100 < frames,
         "{dropped} of {frames} frames tail-dropped"
     );
 }
@@ -248,13 +250,13 @@ fn follows_rate_steps_within_ten_seconds_each_way() {
     if std::env::var_os("EDGERELAY_TEST_TRACE").is_some() {
         print_control_trace(&agent, usize::MAX);
     }
-    // Adapted: ≥ 75 % of the new link carries records in the 5 s after the first 10
-    // (the probe cycle spends a tick in four at 0.8), and frames no longer wait in a
-    // standing queue: the lab's buffer holds 2 s at 256 kbit/s (64 KiB, what data in
-    // flight at 2 Mbit/s fills at the step) and 260 ms at 2 Mbit/s.
+    // Adapted: ≥ 90 % of the new link carries records in the 5 s after the first 10
+    // (measured 99–101 % down, 95 % up, 6 runs on 2026-12-07), and frames no longer
+    // wait in a standing queue: the lab's buffer holds 2 s at 256 kbit/s (64 KiB, what
+    // data in flight at 2 Mbit/s fills at the step) and 260 ms at 2 Mbit/s.
     for ((rate, used, queue), max_queue) in report.into_iter().zip([400, 100]) {
         assert!(
-            used >= 0.75,
+            used >= 0.9,
             "{rate}: only {:.0} % of the link used 10 s after the step",
             used * 100.0
         );

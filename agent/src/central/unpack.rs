@@ -208,6 +208,8 @@ impl Republisher {
                 keep_alive: Duration::from_secs(30),
                 inflight: std::num::NonZeroU16::MIN,
                 priority_connection: false,
+                // The central side's LAN: whatever the system runs.
+                congestion: None,
                 connect_timeout: Duration::from_secs(10),
                 reconnect_min: Duration::from_millis(200),
                 reconnect_max: Duration::from_secs(10),

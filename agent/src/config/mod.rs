@@ -223,6 +223,10 @@ pub struct UpstreamConfig {
     /// High-priority streams go on a second connection (client id `{client_id}-hi`),
     /// so they never wait behind the rest's loss recovery on a lossy link.
     pub priority_connection: bool,
+    /// The kernel congestion control asked for on the upstream sockets (None: the
+    /// system's default). BBR keeps its throughput under random loss, where loss-based
+    /// ones (CUBIC, Reno) fall to a fraction of a lossy link.
+    pub congestion: Option<String>,
     pub connect_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,

@@ -61,6 +61,7 @@ pub struct RawUpstream {
     pub keep_alive: Field<String>,
     pub inflight: Field<i64>,
     pub priority_connection: Field<bool>,
+    pub congestion: Field<String>,
     pub connect_timeout: Field<String>,
     pub reconnect_min: Field<String>,
     pub reconnect_max: Field<String>,

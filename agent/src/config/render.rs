@@ -229,6 +229,10 @@ pub fn render(c: &Config) -> String {
         "priority_connection".into(),
         Value::Boolean(u.priority_connection),
     );
+    up.insert(
+        "congestion".into(),
+        s(u.congestion.as_deref().unwrap_or("system")),
+    );
     up.insert("connect_timeout".into(), dur(u.connect_timeout));
     up.insert("reconnect_min".into(), dur(u.reconnect_min));
     up.insert("reconnect_max".into(), dur(u.reconnect_max));

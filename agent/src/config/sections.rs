@@ -299,6 +299,27 @@ pub(super) fn validate_upstream(
         Duration::from_secs(65_535),
     );
     let inflight = ctx.int("upstream.inflight", &raw.inflight, 64, 1, 65_535);
+    let congestion = match &raw.congestion {
+        None => Some("bbr".to_owned()),
+        Some(f) if f.get_ref() == "system" => None,
+        Some(f) => {
+            let name = f.get_ref();
+            // The kernel's names: at most 15 bytes (TCP_CA_NAME_MAX with its NUL).
+            let valid = !name.is_empty()
+                && name.len() < 16
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !valid {
+                ctx.err(
+                    "upstream.congestion",
+                    Some(f.span()),
+                    format!("{name:?} is not a kernel congestion control name (e.g. \"bbr\", \"cubic\") nor \"system\""),
+                );
+            }
+            Some(name.clone())
+        }
+    };
     let connect_timeout = ctx.duration(
         "upstream.connect_timeout",
         &raw.connect_timeout,
@@ -342,6 +363,7 @@ pub(super) fn validate_upstream(
             .priority_connection
             .as_ref()
             .is_none_or(|b| *b.get_ref()),
+        congestion,
         connect_timeout,
         reconnect_min,
         reconnect_max,

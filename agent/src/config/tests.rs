@@ -76,6 +76,32 @@ fn link_probe_settings() {
 }
 
 #[test]
+fn congestion_control_settings() {
+    let c = parse(MINIMAL).expect("valid");
+    assert_eq!(c.upstream.congestion.as_deref(), Some("bbr"));
+    let with = |v: &str| {
+        parse(&MINIMAL.replace(
+            "[upstream]\n",
+            &format!("[upstream]\ncongestion = \"{v}\"\n"),
+        ))
+    };
+    let c = with("system").expect("valid");
+    assert_eq!(c.upstream.congestion, None);
+    assert!(c.render().contains("congestion = \"system\""));
+    assert_eq!(
+        with("cubic").expect("valid").upstream.congestion.as_deref(),
+        Some("cubic")
+    );
+    for bad in ["", "BBR", "bbr; rm", "a_name_far_too_long"] {
+        let problems = with(bad).expect_err(bad);
+        assert!(
+            problems.iter().any(|p| p.key == "upstream.congestion"),
+            "{bad}: {problems:?}"
+        );
+    }
+}
+
+#[test]
 fn rate_settings() {
     let c = parse(MINIMAL).expect("valid");
     assert!(c.rate.adapt);

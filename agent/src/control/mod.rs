@@ -1,25 +1,37 @@
 //! The rate controller: decides, once a second, how fast the uplink sends, how much it
-//! keeps in flight, how big and how compressed its batches are, and whether the link
+//! may have in flight, how big and how compressed its batches are, and whether the link
 //! keeps up with the data — from the measured link and the backlog. Pure: no I/O, no
 //! clock (time is the tick).
 //!
-//! Delay-based, on the bottleneck's queue: the queue delay is the recent RTT (the
-//! smallest sample of the last second) above the base RTT (its minimum over
-//! `RTT_WINDOW` ticks). The queue is the integral of sending faster than the link, so it
-//! is a low-noise signal where the per-second delivery rate is not (loss recovery,
-//! stretch ACKs). Each tick the rate is the measured delivery rate × a gain that removes
-//! half of the queue above `target_queue` within the next tick (at most ×0.5 — a queue
-//! of seconds drains in a few), or offers `PROBE_GAIN` more while the queue is below
-//! it: the bottleneck stays busy with a queue of tens of milliseconds, never full, so
-//! data sent later (high priority) is not stuck behind seconds of it. Startup doubles
-//! the rate each tick until a queue forms or the link stops keeping up; a link that
-//! carries every ask without a queue for `ROOM_TICKS` is asked `ROOM_GAIN` more, and
-//! if it carries that too it got faster: startup again.
+//! Two loops. The fast one is the in-flight window, applied by the uplink at every
+//! write against the kernel's own count of what is in the pipe (TCP_INFO: sent, not
+//! delivered, not lost) plus what waits unsent: the bandwidth estimate × (base RTT +
+//! a small target queue). A window of one bandwidth-delay product and a little more
+//! keeps the bottleneck busy and its queue at the target whatever the per-second
+//! readings do, and reacts within a round trip — a once-a-second rate loop sees a
+//! queue a second and a round trip late, so it overshoots and idles in turn (the
+//! first controllers here carried 83–97 % of a lossy link). Holes do not stall it:
+//! SACKed and lost data are not in the pipe, and PUBACKs delayed behind them (or by
+//! the broker's Nagle) do not count.
+//!
+//! The slow loop, here, is the estimate the window is sized by. The bandwidth is the
+//! largest delivery rate of the last `BW_TICKS` seconds in which data waited (a loss
+//! recovery's dip is no measurement of the link; the largest reading is): the window
+//! then always lets the link's rate through, and a reading above it — the link
+//! carrying more than the estimate, which the window's target queue allows by
+//! `target/base` a round trip — raises it. An estimate too high shows as a standing
+//! queue (RTT inflation): delivery under a queue is the bottleneck's rate exactly, so
+//! two ticks of it replace the estimate (a step down). Startup doubles window and pace
+//! each tick until delivery stops growing (BBR's full-pipe test) or a queue stands; a
+//! link that grows 15 % twice in a row while tracking got faster: startup again. The
+//! pacer runs `PACING_GAIN` above the estimate so the window, not the pace, binds; it
+//! smooths bursts and holds the hard cap.
 //!
 //! Invariants: the rate never exceeds `max_rate`; a link that is down pauses sending
-//! (ingest goes on into the buffer); after an outage the rate restarts from the last
-//! bandwidth estimate halved and grows again (no flood); with `adapt = false` the plan
-//! is the configured fixed one.
+//! (ingest goes on into the buffer); after an outage sending resumes at the bandwidth
+//! known before it, window-bound (no flood: at most a bandwidth-delay product and the
+//! target queue are ever in flight); with `adapt = false` the plan is the configured
+//! fixed one.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -29,39 +41,47 @@ use crate::policy::Priority;
 
 /// Ticks the base-RTT minimum is taken over.
 const RTT_WINDOW: usize = 30;
+/// Ticks the bandwidth maximum is taken over.
+const BW_TICKS: usize = 10;
 /// A queue delay this much above the target (relative to the base, plus a fixed
-/// allowance) is a standing queue: startup ends there.
+/// allowance) is a standing queue: the estimate is too high (or startup is over).
 const INFLATION: f64 = 0.25;
 const INFLATION_FIXED: Duration = Duration::from_millis(20);
-/// The tick, seconds: the queue excess is removed over two of them.
-const TICK: f64 = 1.0;
-/// Lowest gain: a queue of seconds (a step down into a full buffer) drains at half the
-/// link rate.
-const MIN_GAIN: f64 = 0.5;
-/// Gain while the queue is below the target: the link's use grows back from an
-/// under-estimate, by at most 5 % of a tick's worth of queue.
-const PROBE_GAIN: f64 = 1.05;
-/// Ticks with every ask carried and no queue before the ask grows by `ROOM_GAIN`, and
-/// (if that too is carried without a queue) before startup resumes: near the link's
-/// rate a false "room" must cost a small queue, not a doubled rate's full buffer.
-const ROOM_TICKS: u32 = 2;
-const ROOM_GAIN: f64 = 1.25;
-/// Growth per tick in startup.
+/// Ticks of a standing queue before the estimate is replaced by what the link
+/// delivers under it (one may be a burst the window already absorbs).
+const QUEUED_TICKS: u32 = 2;
+/// Window and pace above the estimate in startup, per tick.
 const STARTUP_GAIN: f64 = 2.0;
-/// Weight of a new delivery sample in the bandwidth estimate.
-const BW_ALPHA: f64 = 0.2;
+/// Startup ends when delivery has not grown by this much for `STARTUP_STALLS` ticks.
+const STARTUP_GROWTH: f64 = 1.25;
+const STARTUP_STALLS: u32 = 3;
+/// Tracking: an estimate this much above the one `GROWTH_TICKS` ago means the link got
+/// faster (the window lets delivery grow by its target queue a round trip, the pace by
+/// `PACING_GAIN` a tick, where the link has room): startup again. Over two ticks, as a
+/// tick's reading lags the plan before it and alternates.
+const TRACK_GROWTH: f64 = 1.3;
+const GROWTH_TICKS: usize = 2;
+/// Pace above the estimate while tracking: the window binds, the pacer only smooths.
+const PACING_GAIN: f64 = 1.5;
+/// Tracking: after this many ticks without an RTT sample near the base (a queue that
+/// never drains hides the base, and the minimum over `RTT_WINDOW` then creeps up with
+/// it, and the window with that), one tick with the window at `BASE_PROBE_GAIN` of the
+/// bandwidth-delay product drains the queue and shows the base again (BBR's ProbeRTT,
+/// lighter). Longer than the kernel BBR's own 10 s: where the upstream socket runs BBR,
+/// its ProbeRTT drains the queue anyway and this never fires.
+const BASE_PROBE_TICKS: u32 = 20;
+const BASE_PROBE_GAIN: f64 = 0.9;
+
 /// Slowest rate ever planned, bytes/s (a paused link is `paused`, not rate 0).
 const MIN_RATE: u64 = 2_000;
-/// In-flight time allowed beyond two base RTTs for retransmission stalls.
-const LOSS_ALLOWANCE: Duration = Duration::from_secs(1);
-/// Smallest in-flight window, bytes.
-const MIN_WINDOW: u64 = 16 << 10;
+/// Smallest in-flight window, bytes: four full segments.
+pub const MIN_WINDOW: u64 = 4 * 1448;
 
-/// The queue delay aimed for: enough to keep the bottleneck busy between ticks, small
-/// next to the path's RTT — plus what RTT samples carry on a slow link even without a
-/// queue: their frame's serialisation and the delayed ACK's second frame (47 ms each
-/// at 256 kbit/s; a target below that read every sample as a queue and drained an idle
-/// link).
+/// The queue delay aimed for: enough to keep the bottleneck busy between ACKs (delayed
+/// and stretch ACKs, a lost segment not yet marked lost), small next to the path's
+/// RTT — plus what RTT samples carry on a slow link even without a queue: their
+/// frame's serialisation and the delayed ACK's second frame (47 ms each at
+/// 256 kbit/s; a target below that read every sample as a queue).
 fn target_queue(base: Duration, bw: f64) -> Duration {
     let frames = if bw > 0.0 {
         Duration::from_secs_f64((3.0 * FRAME / bw).min(1.0))
@@ -118,7 +138,8 @@ pub struct Plan {
     pub paused: bool,
     /// Wire bytes per second.
     pub rate: u64,
-    /// Wire bytes allowed in flight (published, not yet acknowledged).
+    /// Bytes the connections may hold in the pipe (sent, not yet delivered, not lost)
+    /// and queued unsent, together: the in-flight window (`u64::MAX`: none).
     pub window: u64,
     pub batch_size: usize,
     pub linger: Duration,
@@ -160,26 +181,28 @@ enum Phase {
 pub struct Controller {
     s: ControlSettings,
     rtt: VecDeque<Duration>,
+    /// Delivery readings of the last `BW_TICKS` ticks in which data waited.
+    delivery: VecDeque<f64>,
     phase: Phase,
-    rate: f64,
-    /// The rate of the tick before.
-    prev_rate: f64,
-    /// Delivery rate while data waits, smoothed: the bottleneck bandwidth estimate.
+    /// Bottleneck bandwidth estimate, bytes/s (0: not measured yet).
     bw: f64,
-    /// Startup ticks in which the delivery rate did not grow, and the best one seen.
+    /// Pace, bytes/s, and the gain the window is sized with.
+    rate: f64,
+    window_gain: f64,
+    /// Startup: ticks in which delivery did not grow, and the best reading.
     stalls: u32,
     startup_best: f64,
-    /// Tracking ticks in which the link carried every ask without a queue.
-    room: u32,
-    /// After a reconnect, startup stops at the bandwidth measured before it: the link is
-    /// known, and doubling past it into a full backlog fills the bottleneck's buffer
-    /// (its losses then stall the drain). More is found by tracking's room test.
-    resume_at: Option<f64>,
+    /// The estimate at the last `GROWTH_TICKS` ticks, oldest first.
+    history: VecDeque<f64>,
+    /// Ticks since an RTT sample near the base; whether this tick drains for one.
+    since_base: u32,
+    base_probe: bool,
+    /// Consecutive ticks with a standing queue, and the readings taken under it.
+    queued: u32,
+    under_queue: f64,
     was_up: bool,
     degraded: Degradation,
     level: i32,
-    /// The kernel's last delivery-rate readings.
-    delivery: VecDeque<f64>,
 }
 
 /// The RTT a queue is judged by: the recent unsmoothed one where the link monitor has
@@ -199,18 +222,21 @@ impl Controller {
         Self {
             s,
             rtt: VecDeque::new(),
+            delivery: VecDeque::new(),
             phase: Phase::Startup,
-            rate,
-            prev_rate: rate,
             bw: 0.0,
+            rate,
+            window_gain: STARTUP_GAIN,
             stalls: 0,
             startup_best: 0.0,
-            room: 0,
-            resume_at: None,
+            history: VecDeque::new(),
+            since_base: 0,
+            base_probe: false,
+            queued: 0,
+            under_queue: 0.0,
             was_up: false,
             degraded: Degradation::default(),
             level,
-            delivery: VecDeque::new(),
         }
     }
 
@@ -252,13 +278,13 @@ impl Controller {
         self.rtt.iter().copied().min().unwrap_or(Duration::ZERO)
     }
 
-    /// The phase, for the log: "startup", "resume" (startup back to the bandwidth known
-    /// before a reconnect) or "track".
+    /// The phase, for the log: "startup", "track", or "base-probe" (a tick draining
+    /// the queue to see the base RTT).
     pub fn phase(&self) -> &'static str {
-        match (self.phase, self.resume_at) {
-            (Phase::Startup, Some(_)) => "resume",
-            (Phase::Startup, None) => "startup",
-            (Phase::Track, _) => "track",
+        match self.phase {
+            Phase::Startup => "startup",
+            Phase::Track if self.base_probe => "base-probe",
+            Phase::Track => "track",
         }
     }
 
@@ -267,25 +293,38 @@ impl Controller {
         self.bw
     }
 
-    /// What the link delivered over the last tick, bytes/s: the kernel's count of
-    /// bytes delivered (acknowledged or SACKed) as the median of its last three
-    /// readings; PUBACKed bytes per second only without it (they stall behind every
-    /// retransmission). Not the larger of the two: the maximum of two noisy readings
-    /// is biased upwards, and a biased rate keeps a standing queue.
-    fn delivered(&mut self, i: &Inputs) -> f64 {
+    /// What the link delivered over the last tick, bytes/s: the kernel's count of bytes
+    /// delivered (acknowledged or SACKed); PUBACKed bytes per second only without it
+    /// (they stall behind every retransmission, and behind the broker's Nagle).
+    fn delivered(i: &Inputs) -> f64 {
         if i.link.delivery_rate > 0 {
-            self.delivery.push_back(i.link.delivery_rate as f64);
-            while self.delivery.len() > 3 {
-                self.delivery.pop_front();
-            }
+            i.link.delivery_rate as f64
+        } else if i.acked_rate > 0.0 {
+            i.acked_rate
+        } else {
+            i.link.goodput as f64
         }
-        let mut recent: Vec<f64> = self.delivery.iter().copied().collect();
-        recent.sort_by(f64::total_cmp);
-        match recent.get(recent.len() / 2) {
-            Some(&kernel) if kernel > 0.0 => kernel,
-            _ if i.acked_rate > 0.0 => i.acked_rate,
-            _ => i.link.goodput as f64,
+    }
+
+    /// The bandwidth to plan with: the estimate, or the initial rate before one — and
+    /// in startup never less than that (a connection's first readings are no ceiling).
+    fn known(&self) -> f64 {
+        match self.phase {
+            _ if self.bw <= 0.0 => self.s.initial_rate as f64,
+            Phase::Startup => self.bw.max(self.s.initial_rate as f64),
+            Phase::Track => self.bw,
         }
+    }
+
+    fn enter_startup(&mut self, best: f64) {
+        self.phase = Phase::Startup;
+        self.stalls = 0;
+        self.startup_best = best;
+    }
+
+    fn enter_track(&mut self) {
+        self.phase = Phase::Track;
+        self.history.clear();
     }
 
     pub fn tick(&mut self, i: &Inputs) -> Plan {
@@ -300,25 +339,22 @@ impl Controller {
             };
         }
         if !self.was_up {
-            // (Re)connected: restart below what the link did before, then grow from
-            // the next tick on.
+            // (Re)connected. This tick's reading is a new connection's first moments,
+            // no measurement of the link. A known link resumes at its bandwidth, bound
+            // by the window (at most its bandwidth-delay product and the target queue
+            // in flight); an unknown one starts up.
             self.was_up = true;
+            self.queued = 0;
             if self.bw > 0.0 {
-                self.rate = (self.bw / 2.0)
-                    .max(self.s.initial_rate as f64)
-                    .min(self.cap());
-                self.phase = Phase::Startup;
-                self.stalls = 0;
-                self.startup_best = 0.0;
-                // Back to the known bandwidth only where it was measured above the
-                // restart rate: an estimate from an app-limited link (what it was
-                // asked, not what it could do) is no ceiling.
-                self.resume_at = (self.bw > self.rate).then_some(self.bw);
                 self.delivery.clear();
-                return self.plan(i);
+                self.delivery.push_back(self.bw);
+                self.enter_track();
+                self.rate = (self.bw * PACING_GAIN).max(MIN_RATE as f64).min(self.cap());
+                self.window_gain = 1.0;
             }
+            return self.plan(i);
         }
-        let sample = self.delivered(i);
+        let sample = Self::delivered(i);
         let rtt = rtt_now(&i.link);
         if !rtt.is_zero() {
             self.rtt.push_back(rtt);
@@ -331,95 +367,76 @@ impl Controller {
         let target = target_queue(base, self.bw.max(sample)).as_secs_f64();
         let standing = !base.is_zero()
             && queue > base.as_secs_f64() * INFLATION + INFLATION_FIXED.as_secs_f64() + target;
+        self.since_base = if !rtt.is_zero() && queue <= target / 2.0 {
+            0
+        } else {
+            self.since_base + 1
+        };
         // Only a link with data waiting tells its bandwidth: an idle one is app-limited.
         let link_limited = i.backlog_bytes as f64 * i.wire_ratio.clamp(0.0, 1.0) > self.rate;
-        // The link carried (nearly) all of the last tick's ask — judged on this tick's
-        // own reading (the median lags a one-tick ask by two ticks), against the smaller
-        // of the last two asks (a tick's bytes follow the ask before in part).
-        let now = (i.link.delivery_rate as f64).max(sample);
-        let carried = now >= 0.9 * self.rate.min(self.prev_rate);
-        self.prev_rate = self.rate;
         if link_limited && sample > 0.0 {
-            self.bw = if self.bw == 0.0 || (queue > target && sample < 0.5 * self.bw) {
-                // With a queue the delivery rate is the bottleneck's: a reading of half
-                // the estimate is a step down, not noise (smoothed, the estimate took
-                // ten seconds to follow one, and kept the queue full meanwhile).
-                sample
-            } else if self.resume_at.is_some() {
-                // Resuming: the estimate from before the outage stands until the link
-                // is full again (the first readings are a new connection's).
-                self.bw
+            self.delivery.push_back(sample);
+            while self.delivery.len() > BW_TICKS {
+                self.delivery.pop_front();
+            }
+            if standing {
+                self.queued += 1;
+                self.under_queue = if self.queued == 1 {
+                    sample
+                } else {
+                    self.under_queue.max(sample)
+                };
             } else {
-                self.bw + BW_ALPHA * (sample - self.bw)
-            };
+                self.queued = 0;
+            }
+        } else if !standing {
+            self.queued = 0;
         }
+        if self.queued >= QUEUED_TICKS {
+            // The link has been full for two ticks: what it delivered is its rate.
+            self.delivery.clear();
+            self.delivery.push_back(self.under_queue);
+            self.queued = 0;
+            if self.phase == Phase::Startup {
+                self.enter_track();
+            }
+        }
+        self.bw = self.delivery.iter().copied().fold(0.0, f64::max);
         match self.phase {
             Phase::Startup => {
-                // The link is full when what it delivers stops growing (by 25 % a tick,
-                // as BBR's full-pipe test) while data waits — not when it fails to carry
-                // the ask: TCP's own slow start cannot in a connection's first seconds.
-                if now > self.startup_best * 1.25 || !link_limited {
+                if sample > self.startup_best * STARTUP_GROWTH || !link_limited {
                     self.stalls = 0;
                 } else {
                     self.stalls += 1;
                 }
-                self.startup_best = self.startup_best.max(now);
-                if standing || self.stalls >= 3 {
-                    // The link is full: from here on its delivery rate is its bandwidth.
-                    self.phase = Phase::Track;
-                    self.room = 0;
-                    self.resume_at = None;
-                    self.bw = sample.max(MIN_RATE as f64);
-                    self.rate = self.bw * gain(queue, target);
-                } else if link_limited {
-                    // A link that carried the whole ask is measured by the ask (the
-                    // delivery sample lags it by part of a tick).
-                    let known = if carried {
-                        self.rate.max(sample)
-                    } else {
-                        sample
-                    };
-                    let asked = known.max(self.s.initial_rate as f64) * STARTUP_GAIN;
-                    // Resuming, the restart rate (half the known bandwidth) is a floor:
-                    // a new connection's first readings (TCP's slow start, or only
-                    // high priority's connection busy) must not talk it down.
-                    self.rate = match self.resume_at {
-                        Some(_) => asked.max(self.rate),
-                        None => asked,
-                    };
-                    if let Some(known_bw) = self.resume_at.filter(|b| self.rate >= *b) {
-                        self.phase = Phase::Track;
-                        self.room = 0;
-                        self.resume_at = None;
-                        self.rate = known_bw;
-                    }
+                self.startup_best = self.startup_best.max(sample);
+                if self.stalls >= STARTUP_STALLS || (standing && self.bw > 0.0) {
+                    self.enter_track();
                 }
             }
             Phase::Track => {
-                self.room = if link_limited && carried && queue < target / 2.0 {
-                    self.room + 1
-                } else {
-                    0
-                };
-                if self.room > ROOM_TICKS {
-                    // Every ask carried and still no queue: the link got faster.
-                    self.phase = Phase::Startup;
-                    self.stalls = 0;
-                    self.resume_at = None;
-                    self.startup_best = now;
-                    self.rate *= STARTUP_GAIN;
-                } else if self.room == ROOM_TICKS {
-                    // Of the ask, not of a reading that may be a spike.
-                    self.rate *= ROOM_GAIN;
-                } else if queue < target && carried && link_limited {
-                    // Below the target and the link took all of it: ask more of the ask
-                    // (compounding), not of the smoothed measurement of it, which lags.
-                    self.rate = (self.rate.max(self.bw) * PROBE_GAIN).min(2.0 * self.bw.max(now));
-                } else if self.bw > 0.0 {
-                    self.rate = self.bw * gain(queue, target);
+                let grew = self.history.len() == GROWTH_TICKS
+                    && self
+                        .history
+                        .front()
+                        .is_some_and(|&b| b > 0.0 && self.bw > b * TRACK_GROWTH);
+                self.history.push_back(self.bw);
+                while self.history.len() > GROWTH_TICKS {
+                    self.history.pop_front();
+                }
+                if grew && link_limited {
+                    self.enter_startup(sample);
                 }
             }
         }
+        self.base_probe = self.phase == Phase::Track && self.since_base >= BASE_PROBE_TICKS;
+        if self.base_probe {
+            self.since_base = 0;
+        }
+        (self.rate, self.window_gain) = match self.phase {
+            Phase::Startup => (self.known() * STARTUP_GAIN, STARTUP_GAIN),
+            Phase::Track => (self.known() * PACING_GAIN, 1.0),
+        };
         self.rate = self.rate.max(MIN_RATE as f64).min(self.cap());
         self.update_degraded(i);
         self.update_level(i, link_limited);
@@ -469,19 +486,24 @@ impl Controller {
         };
     }
 
+    /// The window in bytes: the estimate (in startup, doubled) × (base RTT + the target
+    /// queue); none until a base RTT is known. Capped links: sized by the cap.
+    fn window(&self) -> u64 {
+        let base = self.base_rtt();
+        if base.is_zero() {
+            return u64::MAX;
+        }
+        let bw = self.known().min(self.cap()) * self.window_gain;
+        let time = if self.base_probe {
+            base.mul_f64(BASE_PROBE_GAIN)
+        } else {
+            base + target_queue(base, self.bw)
+        };
+        ((bw * time.as_secs_f64()) as u64).max(MIN_WINDOW)
+    }
+
     fn plan(&self, i: &Inputs) -> Plan {
         let base = self.base_rtt().max(Duration::from_millis(10));
-        // The pacer steers the queue; the window only bounds what is in flight, and
-        // must let the rate through: sized by the measured bandwidth alone it capped
-        // what could be sent, which capped what was measured (startup stalled at
-        // 16 KiB a round trip).
-        let bw = self.rate.max(self.bandwidth());
-        // Two base RTTs at the rate, and `LOSS_ALLOWANCE` more for the PUBACKs that
-        // wait for a retransmission (in-order delivery) — not sized by the PUBACK round
-        // trip itself, which grows with whatever the window lets queue and would feed
-        // it.
-        let window = ((bw * (2.0 * base.as_secs_f64() + LOSS_ALLOWANCE.as_secs_f64())) as u64)
-            .max(MIN_WINDOW);
         // A batch carries about half an RTT (at least 150 ms, at most 1 s) of link
         // time: big batches on slow links compress better, but a high-priority publish
         // may find one just queued ahead of it.
@@ -492,9 +514,9 @@ impl Controller {
         } else {
             30.0
         };
-        // Sized by what the link carries, not by a probe's or startup's rate.
-        let carried = if self.bandwidth() > 0.0 {
-            self.rate.min(self.bandwidth())
+        // Sized by what the link carries, not by startup's pace.
+        let carried = if self.bw > 0.0 {
+            self.rate.min(self.bw)
         } else {
             self.rate
         };
@@ -502,7 +524,7 @@ impl Controller {
         Plan {
             paused: false,
             rate: self.rate.min(self.cap()) as u64,
-            window,
+            window: self.window(),
             batch_size: records.clamp(10, self.s.batch_size.max(10)),
             linger: (batch_time / 2).clamp(
                 Duration::from_millis(50),
@@ -511,18 +533,6 @@ impl Controller {
             level: self.level,
             degraded: self.degraded,
         }
-    }
-}
-
-/// The gain on the delivery rate for a queue of `queue` seconds against a target of
-/// `target`: below it, `PROBE_GAIN`; above it, what removes half the excess within the
-/// next tick (the queue integrates the rate error, so correcting more per tick would
-/// overshoot and oscillate), at least `MIN_GAIN`.
-fn gain(queue: f64, target: f64) -> f64 {
-    if queue < target {
-        PROBE_GAIN
-    } else {
-        (1.0 - (queue - target) / (2.0 * TICK)).max(MIN_GAIN)
     }
 }
 

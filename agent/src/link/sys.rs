@@ -69,8 +69,8 @@ struct RawTcpInfo {
 /// Bytes of `struct tcp_info` up to and including `tcpi_total_retrans` (Linux 2.6).
 const TCP_INFO_CLASSIC_LEN: usize = 104;
 
-/// Read TCP_INFO of `socket` (a connected TCP socket); `connection` tags the sample.
-pub fn read(socket: &impl AsFd, connection: u64) -> std::io::Result<Transport> {
+/// TCP_INFO of `socket`, and how many bytes of it the kernel filled.
+fn tcp_info(socket: &impl AsFd) -> std::io::Result<(RawTcpInfo, usize)> {
     let mut info = RawTcpInfo::default();
     let mut len = std::mem::size_of::<RawTcpInfo>() as libc::socklen_t;
     // SAFETY: `info` is a plain-old-data struct writable for `len` bytes, and the
@@ -96,6 +96,36 @@ pub fn read(socket: &impl AsFd, connection: u64) -> std::io::Result<Transport> {
             format!("TCP_INFO returned {len} bytes, fewer than the {TCP_INFO_CLASSIC_LEN} every Linux kernel fills"),
         ));
     }
+    Ok((info, len as usize))
+}
+
+/// Bytes `socket` holds that the peer has not received: in the pipe (sent, neither
+/// acknowledged, SACKed nor lost — retransmissions included, as the kernel's own
+/// congestion control counts it) plus those queued unsent. What the uplink's in-flight
+/// window bounds. The kernel counts the pipe in segments; their bytes are the
+/// unacknowledged bytes' share (segments are not all full: a high-priority
+/// connection's are a publish each).
+pub fn pipe_bytes(socket: &impl AsFd) -> std::io::Result<u64> {
+    let (info, len) = tcp_info(socket)?;
+    let notsent = if len >= std::mem::offset_of!(RawTcpInfo, min_rtt) {
+        info.notsent_bytes as usize
+    } else {
+        notsent_bytes(socket)?
+    };
+    // Sent and not yet cumulatively acknowledged (SACKed and lost included).
+    let unacked_bytes = queued_bytes(socket, libc::TIOCOUTQ)?.saturating_sub(notsent) as u64;
+    let segments = (info.unacked + info.retrans).saturating_sub(info.sacked + info.lost);
+    let in_pipe = if info.unacked == 0 {
+        0
+    } else {
+        unacked_bytes * u64::from(segments) / u64::from(info.unacked)
+    };
+    Ok(in_pipe + notsent as u64)
+}
+
+/// Read TCP_INFO of `socket` (a connected TCP socket); `connection` tags the sample.
+pub fn read(socket: &impl AsFd, connection: u64) -> std::io::Result<Transport> {
+    let (info, _) = tcp_info(socket)?;
     Ok(Transport {
         source: Source::TcpInfo,
         connection,
@@ -141,6 +171,74 @@ pub fn set_notsent_lowat(socket: &impl AsFd, bytes: u32) -> std::io::Result<()> 
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Bytes queued in `socket` that the kernel has not sent yet (SIOCOUTQNSD): what a
+/// write would wait behind.
+pub fn notsent_bytes(socket: &impl AsFd) -> std::io::Result<usize> {
+    queued_bytes(socket, libc::SIOCOUTQNSD as libc::Ioctl)
+}
+
+/// The send queue by `request`: SIOCOUTQ (= TIOCOUTQ: all bytes not yet acknowledged)
+/// or SIOCOUTQNSD (those not yet sent).
+fn queued_bytes(socket: &impl AsFd, request: libc::Ioctl) -> std::io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: both requests write one c_int to the pointer given, which is live and
+    // writable; the fd is borrowed for the call.
+    let r = unsafe {
+        libc::ioctl(
+            socket.as_fd().as_raw_fd(),
+            request,
+            &mut value as *mut libc::c_int,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(usize::try_from(value).unwrap_or(0))
+}
+
+/// Ask for congestion control `name` on `socket` (TCP_CONGESTION); the kernel refuses
+/// one it does not have (ENOENT) or the process may not use (EPERM).
+pub fn set_congestion(socket: &impl AsFd, name: &str) -> std::io::Result<()> {
+    // SAFETY: the kernel reads `name.len()` bytes from the live string; the fd is
+    // borrowed for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The congestion control `socket` runs (TCP_CONGESTION).
+pub fn congestion(socket: &impl AsFd) -> std::io::Result<String> {
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: `name` is writable for `len` bytes and the kernel writes at most that;
+    // the fd is borrowed for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let bytes = &name[..(len as usize).min(name.len())];
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
 }
 
 /// The cookie of the network namespace `socket` lives in (the agent's own).

@@ -292,6 +292,9 @@ impl Forwarder {
         let mut pace_deadline: Option<tokio::time::Instant> = None;
         // Tags TCP_INFO samples: the counters restart with every connection.
         let connection = u64::from(bulk.s.local_port());
+        // Whether the kernel says what its pipe holds (not under an emulator that
+        // passes TCP_INFO through short): then the window applies to that.
+        let windowed = crate::link::sys::pipe_bytes(bulk.s.writer.as_ref()).is_ok();
         for lane in &mut self.lanes {
             lane.reset();
         }
@@ -355,7 +358,7 @@ impl Forwarder {
                     && !self.pacer.plan().paused
                 {
                     let held = pace_deadline.is_some()
-                        || match self.pacer.may_send(Instant::now()) {
+                        || match self.pacer.may_send(Instant::now(), windowed) {
                             Ok(()) => false,
                             Err(until) => {
                                 pace_deadline = until.map(tokio::time::Instant::from_std);
@@ -388,6 +391,20 @@ impl Forwarder {
                 .filter(|l| !l.linger_expired)
                 .filter_map(|l| l.linger_deadline)
                 .min();
+            let shallow = self.pacer.shallow();
+            // The bulk connection's writes fill the window; high priority's are
+            // counted in it (the bottleneck is shared) but never held back by it.
+            let window = self
+                .pacer
+                .window()
+                .filter(|_| windowed)
+                .map(|bytes| conn::Window {
+                    bytes,
+                    elsewhere: express.as_ref().map_or(0, |c| {
+                        crate::link::sys::pipe_bytes(c.s.writer.as_ref()).unwrap_or(0)
+                    }),
+                    rate: self.pacer.plan().rate,
+                });
             let (hi_reader, hi_writer) = conn::halves(express.as_mut());
 
             tokio::select! {
@@ -417,18 +434,20 @@ impl Forwarder {
                         break 'session Err(e);
                     }
                 }
-                written = conn::write_some(hi_writer) => match written {
-                    Ok(0) => break 'session Err(SessionError::Closed.into()),
-                    Ok(_) => {
+                written = conn::write_some(hi_writer, shallow, None) => match written {
+                    Ok(None) => {}
+                    Ok(Some(0)) => break 'session Err(SessionError::Closed.into()),
+                    Ok(Some(_)) => {
                         if let Some(hi) = express.as_mut() {
                             hi.last_tx = Instant::now();
                         }
                     }
                     Err(e) => break 'session Err(SessionError::Io(e).into()),
                 },
-                written = bulk.s.writer.write_buf(&mut bulk.s.out), if !bulk.s.out.is_empty() => match written {
-                    Ok(0) => break 'session Err(SessionError::Closed.into()),
-                    Ok(_) => bulk.last_tx = Instant::now(),
+                written = conn::write_some(Some((&mut bulk.s.writer, &mut bulk.s.out)), shallow, window), if !bulk.s.out.is_empty() => match written {
+                    Ok(None) => {}
+                    Ok(Some(0)) => break 'session Err(SessionError::Closed.into()),
+                    Ok(Some(_)) => bulk.last_tx = Instant::now(),
                     Err(e) => break 'session Err(SessionError::Io(e).into()),
                 },
                 Some(done) = ack_commits.next(), if !ack_commits.is_empty() => {

@@ -9,9 +9,18 @@
 
 use std::time::{Duration, Instant};
 
+use super::conn::Shallow;
 use crate::control::{ControlSettings, Controller, Inputs, Plan};
 use crate::link::LinkQuality;
 use crate::store::{StoreStats, StreamId};
+
+/// The window over what awaits PUBACK where the kernel's count is missing: this many
+/// windows, and a second at the rate.
+const PUBACK_WINDOW_GAIN: u64 = 2;
+
+/// Link time the sockets may hold unsent, seconds, and bytes at least.
+const SHALLOW_TIME: f64 = 0.02;
+const SHALLOW_MIN: f64 = 8192.0;
 
 /// Rate, window and pause for one session.
 #[derive(Debug)]
@@ -65,14 +74,28 @@ impl Pacer {
         self.refilled = now;
     }
 
-    /// May a new publish go now? `Err(Some(t))`: not before `t` (rate); `Err(None)`:
-    /// not until something is acknowledged or the plan changes (window, pause).
-    pub fn may_send(&mut self, now: Instant) -> Result<(), Option<Instant>> {
+    /// The in-flight window, bytes (None: none applies).
+    pub fn window(&self) -> Option<u64> {
+        (self.plan.window != u64::MAX).then_some(self.plan.window)
+    }
+
+    /// May a new publish go now? `windowed`: the writer applies the window to what the
+    /// kernel holds; else what awaits PUBACK is bounded here. `Err(Some(t))`: not
+    /// before `t` (rate); `Err(None)`: not until something is acknowledged or the plan
+    /// changes.
+    pub fn may_send(&mut self, now: Instant, windowed: bool) -> Result<(), Option<Instant>> {
         if self.plan.paused {
             return Err(None);
         }
-        if self.inflight_bytes > 0 && self.inflight_bytes >= self.plan.window {
-            return Err(None);
+        if let Some(window) = self.window().filter(|_| !windowed) {
+            // What awaits PUBACK also holds what waits behind a hole, and the PUBACKs'
+            // own way back: a larger bound.
+            let limit = window
+                .saturating_mul(PUBACK_WINDOW_GAIN)
+                .saturating_add(self.plan.rate);
+            if self.inflight_bytes > 0 && self.inflight_bytes >= limit {
+                return Err(None);
+            }
         }
         self.may_send_rate(now, 0.0)
     }
@@ -95,6 +118,22 @@ impl Pacer {
         }
         let wait = (-debt - self.tokens) / (self.plan.rate.max(1) as f64);
         Err(Some(now + Duration::from_secs_f64(wait)))
+    }
+
+    /// What the sockets may hold unsent at this rate: 20 ms of it (at least 8 KiB),
+    /// looked at again when half of that has gone. None without a rate (nothing
+    /// adapts): the kernel's TCP_NOTSENT_LOWAT alone.
+    pub fn shallow(&self) -> Option<Shallow> {
+        if self.unlimited() {
+            return None;
+        }
+        let rate = self.plan.rate.max(1) as f64;
+        let limit = (rate * SHALLOW_TIME).max(SHALLOW_MIN);
+        Some(Shallow {
+            limit: limit as usize,
+            recheck: Duration::from_secs_f64(limit / 2.0 / rate)
+                .clamp(Duration::from_millis(2), Duration::from_millis(50)),
+        })
     }
 
     pub fn sent(&mut self, bytes: usize) {
@@ -316,19 +355,19 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pacer::new(plan(10_000, u64::MAX));
         p.refilled = t0;
-        assert_eq!(p.may_send(t0), Ok(()), "starts with no debt");
+        assert_eq!(p.may_send(t0, false), Ok(()), "starts with no debt");
         p.sent(5_000);
-        let Err(Some(at)) = p.may_send(t0) else {
+        let Err(Some(at)) = p.may_send(t0, false) else {
             panic!("5 kB of debt at 10 kB/s must wait");
         };
         assert_eq!(at, t0 + Duration::from_millis(500));
-        assert_eq!(p.may_send(at), Ok(()));
+        assert_eq!(p.may_send(at, false), Ok(()));
         // Over a long run: bytes let through ≈ rate × time.
         let mut now = at;
         let mut sent = 0u64;
         let end = at + Duration::from_secs(10);
         while now < end {
-            match p.may_send(now) {
+            match p.may_send(now, false) {
                 Ok(()) => {
                     p.sent(1_500);
                     sent += 1_500;
@@ -346,7 +385,7 @@ mod tests {
         let mut p = Pacer::new(plan(10_000, 1_000));
         p.refilled = t0;
         p.sent(5_000);
-        assert_eq!(p.may_send(t0), Err(None), "the window holds the rest back");
+        assert!(p.may_send(t0, false).is_err(), "the rest waits");
         assert_eq!(p.may_send_rate(t0, 8_000.0), Ok(()), "within its debt");
         p.sent(4_000);
         let Err(Some(at)) = p.may_send_rate(t0, 8_000.0) else {
@@ -366,21 +405,55 @@ mod tests {
     }
 
     #[test]
-    fn window_and_pause_block_until_acked_or_resumed() {
+    fn without_the_kernels_count_the_window_bounds_what_awaits_puback() {
         let now = Instant::now();
-        let mut p = Pacer::new(plan(u64::MAX, 10_000));
-        p.sent(6_000);
-        assert_eq!(p.may_send(now), Ok(()));
-        p.sent(6_000);
-        assert_eq!(p.may_send(now), Err(None), "window full");
-        p.acked(6_000);
-        assert_eq!(p.may_send(now), Ok(()));
+        let mut p = Pacer::new(plan(1_000, 10_000));
+        p.tokens = 1e12;
+        p.sent(50_000);
+        assert_eq!(
+            p.may_send(now, true),
+            Ok(()),
+            "the writer applies the window"
+        );
+        let mut p = Pacer::new(plan(1_000, 10_000));
+        p.tokens = 1e12;
+        p.sent(20_000);
+        assert_eq!(p.may_send(now, false), Ok(()));
+        p.sent(1_000);
+        assert_eq!(
+            p.may_send(now, false),
+            Err(None),
+            "2 windows + 1 s at the rate"
+        );
+        p.acked(5_000);
+        assert_eq!(p.may_send(now, false), Ok(()));
+        assert_eq!(p.window(), Some(10_000));
+    }
+
+    #[test]
+    fn pause_blocks_until_resumed_and_unlimited_never_waits() {
+        let now = Instant::now();
+        let mut p = Pacer::new(plan(u64::MAX, u64::MAX));
+        p.sent(6_000_000);
+        assert_eq!(p.may_send(now, false), Ok(()), "no window");
+        assert_eq!(p.window(), None);
         let mut paused = plan(u64::MAX, 10_000);
         paused.paused = true;
         p.set_plan(paused);
-        assert_eq!(p.may_send(now), Err(None));
+        assert_eq!(p.may_send(now, false), Err(None));
         p.reset();
-        p.set_plan(plan(u64::MAX, 10_000));
-        assert_eq!(p.may_send(now), Ok(()), "unlimited: never waits");
+        p.set_plan(plan(u64::MAX, u64::MAX));
+        assert_eq!(p.may_send(now, false), Ok(()), "unlimited: never waits");
+    }
+
+    #[test]
+    fn shallow_sockets_hold_twenty_milliseconds() {
+        let p = Pacer::new(plan(125_000, 10_000));
+        let s = p.shallow().expect("a rate");
+        assert_eq!(s.limit, 8192, "8 KiB at least");
+        assert_eq!(s.recheck, Duration::from_secs_f64(4096.0 / 125_000.0));
+        let p = Pacer::new(plan(10_000_000, 10_000));
+        assert_eq!(p.shallow().expect("a rate").limit, 200_000);
+        assert_eq!(Pacer::new(plan(u64::MAX, 1)).shallow(), None);
     }
 }

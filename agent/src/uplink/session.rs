@@ -86,6 +86,23 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// Ask for congestion control `name` on the upstream socket; say once per process what
+/// the connections run (and why, when it is not what was asked for).
+fn choose_congestion(stream: &TcpStream, name: &str) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let asked = crate::link::sys::set_congestion(stream, name);
+    let running = crate::link::sys::congestion(stream).unwrap_or_else(|_| "unknown".into());
+    SAID.call_once(|| match asked {
+        Ok(()) => tracing::info!(congestion = %running, "upstream congestion control"),
+        Err(e) => tracing::warn!(
+            asked = name,
+            congestion = %running,
+            error = %e,
+            "upstream congestion control not available; the system's is used (on a lossy link BBR carries far more: modprobe tcp_bbr, or give the agent CAP_NET_ADMIN)"
+        ),
+    });
+}
+
 impl Session {
     /// TCP connect, CONNECT as `client_id`, and wait for a successful CONNACK, within
     /// `connect_timeout`.
@@ -114,6 +131,9 @@ impl Session {
                 source,
             })?;
         stream.set_nodelay(true)?;
+        if let Some(name) = &cfg.congestion {
+            choose_congestion(&stream, name);
+        }
         // Keep the kernel's unsent queue shallow: what waits, waits in the agent, where
         // the next publish is chosen. Not fatal where unsupported.
         if let Err(e) = crate::link::sys::set_notsent_lowat(&stream, NOTSENT_LOWAT) {
