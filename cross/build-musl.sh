@@ -5,8 +5,10 @@
 #   cross/build-musl.sh aarch64|armv7 [--check]
 #
 # Output: target/cross-musl/<triple>/release/edgerelay (stripped; over the 6 MB budget
-# fails). --check: also runs `edgerelay check-config` on config/edgerelay.toml under
-# qemu-user — a static binary needs no -L sysroot.
+# fails). --check: also, under qemu-user (a static binary needs no -L sysroot), runs
+# `edgerelay check-config` on config/edgerelay.toml, and the daemon itself against a
+# native mosquitto: a message published to its local MQTT endpoint must arrive upstream
+# and SIGTERM must stop it cleanly (mosquitto, mosquitto-clients: scripts/deps.sh).
 #
 # The route is unstable Rust, so this is a job of its own, not part of every build:
 # Debian ships no musl std for ARM, so the std is built from Debian's rust-web-src with
@@ -99,5 +101,28 @@ fi
 if $check; then
   "$qemu" "$bin" check-config --config config/edgerelay.toml >/dev/null
   echo "cross/build-musl.sh: check-config under $qemu: ok"
+  smoke=$(mktemp -d)
+  pids=()
+  trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$smoke"' EXIT
+  up=$(( 20000 + RANDOM % 20000 )); local_port=$(( up + 1 ))
+  printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$up" >"$smoke/mosquitto.conf"
+  mosquitto -c "$smoke/mosquitto.conf" >"$smoke/mosquitto.log" 2>&1 & pids+=($!)
+  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$up") 2>/dev/null && break; sleep 0.1; done
+  printf '[agent]\ngateway_id = "gw-musl"\ndata_dir = "%s/data"\n[upstream]\nurl = "mqtt://127.0.0.1:%s"\ntopic_prefix = "up"\nmode = "passthrough"\n[local_mqtt]\nlisten = "127.0.0.1:%s"\n' \
+    "$smoke" "$up" "$local_port" >"$smoke/agent.toml"
+  mosquitto_sub -p "$up" -t 'up/#' -C 1 -W 30 -v >"$smoke/received" 2>&1 & sub=$!
+  "$qemu" "$bin" run --config "$smoke/agent.toml" >"$smoke/agent.log" 2>&1 & agent=$!
+  pids+=("$agent")
+  for _ in $(seq 300); do grep -q "edgerelay ready" "$smoke/agent.log" && break; sleep 0.1; done
+  mosquitto_pub -p "$local_port" -q 1 -t sensors/t1 -m '{"temp":21.5}'
+  wait "$sub" || true
+  if ! grep -qx 'up/sensors/t1 {"temp":21.5}' "$smoke/received"; then
+    echo "cross/build-musl.sh: the message did not arrive upstream; the agent said:" >&2
+    cat "$smoke/agent.log" >&2
+    exit 1
+  fi
+  kill -TERM "$agent"
+  wait "$agent" || { echo "cross/build-musl.sh: the agent did not stop cleanly on SIGTERM" >&2; exit 1; }
+  echo "cross/build-musl.sh: the daemon under $qemu relayed a message and stopped cleanly"
 fi
 echo "cross/build-musl.sh: $triple done in $(( $(date +%s) - t0 )) s"
