@@ -42,7 +42,19 @@ $check && out_dir=target/ebpf-check && mkdir -p "$out_dir"
 # fixed paths, so the same sources give the same bytes wherever they are built.
 registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
 rustflags="--remap-path-prefix=$PWD/ebpf=/edgerelay/ebpf --remap-path-prefix=$registry=/cargo/registry"
-(cd ebpf && PATH="/usr/bin:$HOME/.cargo/bin:$PATH" RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
+# The BPF backend also copies source lines into the object's BTF, for files it can read:
+# core's sources, where Debian's rust-web-src is installed (cross/build-musl.sh installs
+# it), would change the bytes. They are hidden from the build in a private mount
+# namespace (root only; without root, say so rather than build something else).
+hide=()
+if compgen -G "/usr/src/rustc-*/library" >/dev/null; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "build-ebpf: core's sources are installed (/usr/src/rustc-*, rust-web-src) and would end up in the object; run this as root (it hides them for the build) or remove rust-web-src" >&2
+    exit 1
+  fi
+  hide=(unshare --mount --propagation private -- sh -c 'for d in /usr/src/rustc-*; do mount -t tmpfs none "$d"; done; exec "$@"' sh)
+fi
+(cd ebpf && "${hide[@]}" env PATH="/usr/bin:$HOME/.cargo/bin:$PATH" RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
   RUSTC_BOOTSTRAP=aya_ebpf CARGO_TARGET_DIR=../target/ebpf \
   CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS="$rustflags" \
   /usr/bin/cargo build --release --locked -p edgerelay-probe)
