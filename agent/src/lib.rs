@@ -16,6 +16,7 @@ pub mod notify;
 pub mod policy;
 pub mod record;
 pub mod store;
+pub mod telemetry;
 pub mod topic;
 pub mod uplink;
 pub mod wire;
@@ -40,6 +41,9 @@ pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 pub use policy::DEFAULT_STREAM;
 /// File name of the buffer inside `data_dir`.
 pub const BUFFER_FILE: &str = "buffer.redb";
+/// Where a running agent's endpoint listens, inside `data_dir` (for `edgerelay
+/// status` and `dead-letters`, also when `[metrics] listen` names port 0).
+pub const ENDPOINT_FILE: &str = "endpoint";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -54,6 +58,8 @@ pub enum RunError {
         path: std::path::PathBuf,
         detail: String,
     },
+    #[error(transparent)]
+    Endpoint(#[from] telemetry::http::HttpError),
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -113,8 +119,70 @@ pub fn control_settings(config: &Config) -> control::ControlSettings {
     }
 }
 
+/// Where a reload's live changes go.
+struct Reloaded {
+    routes: ingest::Routes,
+    store: Store,
+    policies: tokio::sync::watch::Sender<std::sync::Arc<policy::Policies>>,
+    max_rate: tokio::sync::watch::Sender<Option<u64>>,
+}
+
+async fn apply_reloads(
+    mut rx: tokio::sync::watch::Receiver<std::sync::Arc<Config>>,
+    started: std::sync::Arc<Config>,
+    to: Reloaded,
+    cancel: CancellationToken,
+) {
+    let mut current = started.clone();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            changed = rx.changed() => if changed.is_err() { break },
+        }
+        let new = rx.borrow_and_update().clone();
+        let live = config::reload::changes(&current, &new).live;
+        let restart = config::reload::changes(&started, &new).restart;
+        if live.iter().any(|k| k == "policy") {
+            let p = std::sync::Arc::new(new.policies.clone());
+            to.routes.replace(&to.store, p.clone());
+            to.policies.send_replace(p);
+        }
+        if live.iter().any(|k| k == "rate.max_rate") {
+            to.max_rate
+                .send_replace(new.rate.max_rate_bps.map(|b| b / 8));
+        }
+        if live.is_empty() && restart.is_empty() {
+            tracing::info!("config reloaded: nothing changed");
+        } else {
+            tracing::info!(
+                applied = ?live,
+                needs_restart = ?restart,
+                "config reloaded"
+            );
+        }
+        if !restart.is_empty() {
+            tracing::warn!(keys = ?restart, "these changes take effect only after a restart");
+        }
+        // What is in force now: the live parts of `new` (the rest is compared with
+        // the configuration the agent started with).
+        current = new;
+    }
+}
+
 /// Run the agent until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    run_with_reload(config, shutdown, None).await
+}
+
+/// Run the agent until `shutdown` is cancelled, putting in force what each config sent
+/// on `reloads` changes that can change live (`config::reload`; the log level is the
+/// caller's, who owns logging) and saying what needs a restart.
+pub async fn run_with_reload(
+    config: Config,
+    shutdown: CancellationToken,
+    reloads: Option<tokio::sync::watch::Receiver<std::sync::Arc<Config>>>,
+) -> Result<(), RunError> {
+    let started = std::sync::Arc::new(config.clone());
     let control = control_settings(&config);
     let dict_mode = match &config.compression.dictionary {
         DictionarySetting::Off => DictMode::Off,
@@ -137,6 +205,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         Some(cfg) => Some(ingest::mqtt::LocalMqtt::bind(cfg, store.clone(), routes.clone()).await?),
         None => None,
     };
+    // Bound with the other listeners, before anything runs: a taken port is a start-up
+    // error, not a half-started agent.
+    let (status_tx, status_rx) = tokio::sync::watch::channel(telemetry::Status::default());
+    let endpoint = match config.metrics.listen {
+        Some(addr) => Some(
+            telemetry::http::Endpoint::bind(
+                addr,
+                status_rx,
+                Some(std::sync::Arc::new(telemetry::admin::DeadLetterAdmin {
+                    store: store.clone(),
+                })),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let ingest_cancel = CancellationToken::new();
     let ingest = TaskTracker::new();
     for s in sockets {
@@ -156,6 +240,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     ingest.close();
 
     let uplink_cancel = CancellationToken::new();
+    let telemetry_cancel = CancellationToken::new();
     let (mut monitor, link_feed, link_quality) = link::Monitor::new(
         config.link.clone(),
         &config.upstream.host,
@@ -163,6 +248,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     );
     monitor.start().await;
     let monitor = tokio::spawn(monitor.run(uplink_cancel.clone()));
+    let uplink_state = std::sync::Arc::new(telemetry::UplinkShared::default());
+    let (listening, listening_rx) = tokio::sync::watch::channel(false);
+    let hub = telemetry::Hub::new(
+        telemetry::HubSettings {
+            gateway_id: config.agent.gateway_id.clone(),
+            mode: match config.upstream.mode {
+                UpstreamMode::Batch => "batch".into(),
+                UpstreamMode::Passthrough => "passthrough".into(),
+            },
+            stuck_after: config.metrics.stuck_after,
+            priorities: routes
+                .policies()
+                .streams()
+                .iter()
+                .map(|s| (s.name.clone(), s.priority.as_str().to_owned()))
+                .collect(),
+        },
+        store.clone(),
+        link_quality.clone(),
+        uplink_state.clone(),
+        listening_rx,
+        status_tx,
+    );
+    let telemetry_tasks = TaskTracker::new();
+    telemetry_tasks.spawn(hub.run(telemetry_cancel.clone()));
+    let endpoint_file = config.agent.data_dir.join(ENDPOINT_FILE);
+    if let Some(e) = endpoint {
+        if let Some(addr) = e.local_addr() {
+            tracing::info!(listen = %addr, "metrics, health and status endpoint listening");
+            if let Err(err) = std::fs::write(&endpoint_file, format!("{addr}\n")) {
+                tracing::warn!(error = %err, path = %endpoint_file.display(), "cannot note the endpoint's address for the CLI");
+            }
+        }
+        telemetry_tasks.spawn(e.run(telemetry_cancel.clone()));
+    }
+    telemetry_tasks.close();
     let packer: Box<dyn uplink::forward::Packer> = match config.upstream.mode {
         UpstreamMode::Passthrough => Box::new(uplink::PassthroughPacker {
             prefix: config.upstream.topic_prefix.clone(),
@@ -200,7 +321,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         routes.policies().clone(),
         packer,
     )
-    .with_link_feed(link_feed);
+    .with_link_feed(link_feed)
+    .with_telemetry(uplink_state.clone());
+    let (policies_tx, policies_rx) = tokio::sync::watch::channel(routes.policies());
+    let (rate_tx, rate_rx) = tokio::sync::watch::channel(control.max_rate);
+    forwarder = forwarder.with_live(uplink::forward::Live {
+        policies: policies_rx,
+        max_rate: rate_rx,
+    });
+    if let Some(rx) = reloads {
+        telemetry_tasks.reopen();
+        telemetry_tasks.spawn(apply_reloads(
+            rx,
+            started,
+            Reloaded {
+                routes: routes.clone(),
+                store: store.clone(),
+                policies: policies_tx,
+                max_rate: rate_tx,
+            },
+            telemetry_cancel.clone(),
+        ));
+        telemetry_tasks.close();
+    }
     if config.upstream.mode == UpstreamMode::Batch {
         // Passthrough stays the plain one-publish-per-message baseline.
         forwarder = forwarder.with_control(control, link_quality);
@@ -208,6 +351,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let uplink = tokio::spawn(forwarder.run(uplink_cancel.clone()));
 
     tracing::info!(gateway_id = %config.agent.gateway_id, epoch = store.epoch(), "edgerelay ready");
+    listening.send_replace(true);
     notify::notify("READY=1");
     // The writer thread owns the sender of `committed`: if it ever dies, nothing can be
     // acknowledged any more, and the agent must stop (and be restarted) rather than run on.
@@ -227,6 +371,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tracing::error!(error = %e, "uplink task failed");
     }
     let _ = monitor.await;
+    telemetry_cancel.cancel();
+    telemetry_tasks.wait().await;
+    let _ = std::fs::remove_file(&endpoint_file);
     drop(store);
     tokio::task::spawn_blocking(move || store_thread.close())
         .await

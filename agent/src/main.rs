@@ -27,6 +27,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show the running agent: backlog per stream with drain progress, link quality,
+    /// the uplink's rate and state, dead letters (asks its [metrics] endpoint).
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The status as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Records the central broker refused too often: list them, queue them again, or
+    /// purge them (recorded and reported upstream as gaps). With the agent running or
+    /// not.
+    DeadLetters {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Validate a config file: print every error with its key, or the effective config.
     CheckConfig {
         #[arg(long, short)]
@@ -72,6 +90,32 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Print them (stream, seq, topic, size, attempts, why).
+    List {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue them again, as new records at the end of their streams.
+    Retry {
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// Which ones, as STREAM:SEQ.
+        records: Vec<String>,
+    },
+    /// Delete them; each run is recorded as a gap (reason "purged") and reported.
+    Purge {
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// Which ones, as STREAM:SEQ.
+        records: Vec<String>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -82,6 +126,32 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failure(e),
         },
+        Command::Status { config, json } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_failure(e),
+            };
+            match status(&config, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edgerelay status: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::DeadLetters { config, action } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_failure(e),
+            };
+            match dead_letters(&config, action) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edgerelay dead-letters: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Unpack {
             broker,
             jsonl: _,
@@ -132,13 +202,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => {
-            init_tracing();
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => return config_failure(e),
             };
-            match run(config) {
+            let filter = init_logging(&config.log);
+            match run(config, path, filter) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -187,6 +257,162 @@ fn unpack(
     })
 }
 
+/// Where the running agent's endpoint answers: its `[metrics] listen`, with an
+/// unspecified address (0.0.0.0, ::) asked on loopback.
+fn endpoint(config: &Config) -> anyhow::Result<std::net::SocketAddr> {
+    // The running agent notes where it listens (the config may say port 0).
+    let noted = std::fs::read_to_string(config.agent.data_dir.join(edgerelay::ENDPOINT_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse::<std::net::SocketAddr>().ok());
+    let mut addr = noted.or(config.metrics.listen).ok_or_else(|| {
+        anyhow::anyhow!(
+            "[metrics] listen is \"off\" in the config: the agent serves its status there"
+        )
+    })?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    Ok(addr)
+}
+
+/// GET (or POST) `path` on the running agent's endpoint: its answer, or None when the
+/// agent is not running (nothing answers there).
+fn ask_agent(
+    config: &Config,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<Option<(u16, String)>> {
+    let addr = endpoint(config)?;
+    if addr.port() == 0 {
+        // Port 0 configured and no running agent noted its port.
+        return Ok(None);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match runtime.block_on(edgerelay::telemetry::http::request(
+        addr, method, path, body,
+    )) {
+        Ok(answer) => Ok(Some(answer)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("asking the agent at {addr}: {e}")),
+    }
+}
+
+fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let Some((code, body)) = ask_agent(config, "GET", "/status", "")? else {
+        anyhow::bail!(
+            "edgerelay is not running for this config (nothing answers at {}, its [metrics] listen)",
+            endpoint(config)?
+        );
+    };
+    anyhow::ensure!(code == 200, "the agent answered {code}: {body}");
+    let status: edgerelay::telemetry::Status = serde_json::from_str(&body)
+        .context("the agent's status is not what this edgerelay reads")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.render());
+    }
+    Ok(())
+}
+
+fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Result<()> {
+    use edgerelay::store::dead::{DeadLetter, Which};
+    let which = |all: bool, records: Vec<String>| -> anyhow::Result<Which> {
+        if all {
+            anyhow::ensure!(records.is_empty(), "--all or STREAM:SEQ, not both");
+            return Ok(Which::All);
+        }
+        anyhow::ensure!(
+            !records.is_empty(),
+            "name the records (STREAM:SEQ …) or --all"
+        );
+        records
+            .iter()
+            .map(|r| {
+                let (s, q) = r
+                    .rsplit_once(':')
+                    .ok_or_else(|| anyhow::anyhow!("{r:?} is not STREAM:SEQ"))?;
+                Ok((
+                    s.to_owned(),
+                    q.parse().with_context(|| format!("{r:?}: the seq"))?,
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(Which::Some)
+    };
+    let (path, op, body) = match &action {
+        DeadLetterAction::List { .. } => ("/dead-letters", "GET", String::new()),
+        DeadLetterAction::Retry { all, records } => (
+            "/dead-letters/retry",
+            "POST",
+            serde_json::to_string(&which(*all, records.clone())?)?,
+        ),
+        DeadLetterAction::Purge { all, records } => (
+            "/dead-letters/purge",
+            "POST",
+            serde_json::to_string(&which(*all, records.clone())?)?,
+        ),
+    };
+    let answer = match ask_agent(config, op, path, &body)? {
+        Some((200, answer)) => answer,
+        Some((code, answer)) => anyhow::bail!("the agent answered {code}: {answer}"),
+        None => offline_dead_letters(config, &action, &body)?,
+    };
+    match action {
+        DeadLetterAction::List { json: true } => println!("{answer}"),
+        DeadLetterAction::List { json: false } => {
+            let list: Vec<DeadLetter> = serde_json::from_str(&answer)?;
+            if list.is_empty() {
+                println!("no dead letters");
+            }
+            for d in list {
+                println!(
+                    "{}:{}  {}  {} bytes  {} attempts  {}",
+                    d.stream, d.seq, d.topic, d.payload_bytes, d.attempts, d.reason
+                );
+            }
+        }
+        _ => println!("{answer}"),
+    }
+    Ok(())
+}
+
+/// The dead-letter command on the buffer file itself (the agent is not running).
+fn offline_dead_letters(
+    config: &Config,
+    action: &DeadLetterAction,
+    body: &str,
+) -> anyhow::Result<String> {
+    let (store, thread) = edgerelay::store::Store::open(edgerelay::store_options(config))
+        .context("opening the buffer (the agent is not running)")?;
+    let result = (|| -> anyhow::Result<String> {
+        Ok(match action {
+            DeadLetterAction::List { .. } => serde_json::to_string(
+                &store.dead_letters_blocking(edgerelay::telemetry::admin::LIST_LIMIT)?,
+            )?,
+            DeadLetterAction::Retry { .. } => serde_json::json!({
+                "retried": store.retry_dead_letters_blocking(serde_json::from_str(body)?)?
+            })
+            .to_string(),
+            DeadLetterAction::Purge { .. } => serde_json::json!({
+                "purged": store.purge_dead_letters_blocking(serde_json::from_str(body)?)?
+            })
+            .to_string(),
+        })
+    })();
+    drop(store);
+    thread.close();
+    result
+}
+
 fn decode(file: Option<PathBuf>, dict_dir: Option<PathBuf>) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     // No valid batch is larger than its body limit plus header and zstd framing.
@@ -233,6 +459,30 @@ fn config_failure(e: ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// The handle that changes the log filter of a running agent.
+type FilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// The agent's logging: `[log] format`, and the filter from EDGERELAY_LOG if set, else
+/// `[log] level`. Returns the handle a reload changes the level with.
+fn init_logging(log: &edgerelay::config::LogConfig) -> FilterHandle {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    let text = std::env::var("EDGERELAY_LOG").unwrap_or_else(|_| log.level.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(&text)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match log.format {
+        edgerelay::config::LogFormat::Json => registry.with(fmt.json()).init(),
+        edgerelay::config::LogFormat::Text => registry
+            .with(fmt.with_ansi(std::io::stderr().is_terminal()))
+            .init(),
+    }
+    handle
+}
+
 /// Log filter from EDGERELAY_LOG (tracing's EnvFilter syntax), default "info".
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGERELAY_LOG")
@@ -245,7 +495,45 @@ fn init_tracing() {
         .init();
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+/// SIGHUP: read the config file again; an invalid one is reported and changes
+/// nothing. The log level is applied here; the rest goes to the agent.
+async fn reload_on_hangup(
+    path: PathBuf,
+    filter: FilterHandle,
+    tx: tokio::sync::watch::Sender<std::sync::Arc<Config>>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler: no config reload");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(path = %path.display(), "SIGHUP: reloading the config");
+        let new = match Config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("config reload failed, nothing changed: {e}");
+                continue;
+            }
+        };
+        if new.log.level != tx.borrow().log.level {
+            match tracing_subscriber::EnvFilter::try_new(&new.log.level) {
+                Ok(f) => {
+                    if let Err(e) = filter.reload(f) {
+                        tracing::error!(error = %e, "cannot change the log level");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "log level not changed"),
+            }
+        }
+        tx.send_replace(std::sync::Arc::new(new));
+    }
+}
+
+fn run(config: Config, path: PathBuf, filter: FilterHandle) -> anyhow::Result<()> {
     // Small gateways: two workers are plenty for I/O-bound relaying, and bound the
     // blocking pool (store reads) so memory stays predictable.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -269,7 +557,9 @@ fn run(config: Config) -> anyhow::Result<()> {
                 std::process::exit(130);
             }
         });
-        edgerelay::run(config, shutdown)
+        let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(config.clone()));
+        tokio::spawn(reload_on_hangup(path, filter, tx));
+        edgerelay::run_with_reload(config, shutdown, Some(rx))
             .await
             .context("edgerelay stopped on an error")
     })

@@ -26,6 +26,15 @@ pub enum OriginKind {
 }
 
 impl OriginKind {
+    /// The `source` label of the ingest metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Socket => "socket",
+            Self::Mqtt => "mqtt",
+            Self::LocalBroker => "local_broker",
+        }
+    }
+
     pub fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Self::Socket),

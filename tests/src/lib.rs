@@ -410,6 +410,28 @@ impl Agent {
         self.child.as_ref().map(Child::id).expect("agent running")
     }
 
+    /// The address its metrics/health/status endpoint listens on (from its log).
+    pub fn endpoint(&self) -> SocketAddr {
+        self.wait_for_log("status endpoint listening", SOON);
+        self.log_lines()
+            .iter()
+            .find(|l| l.contains("status endpoint listening"))
+            .and_then(|l| l.split("listen=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .expect("the endpoint's address in the log")
+    }
+
+    /// Send `signal` (e.g. libc::SIGHUP) to the agent.
+    pub fn signal(&self, signal: i32) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -589,6 +611,13 @@ pub fn unix_ms() -> u64 {
 
 /// A minimal agent config around `upstream_url`, with `extra` TOML appended.
 pub fn agent_config(data_dir: &Path, upstream_url: &str, extra: &str) -> String {
+    // Tests run agents side by side: their endpoints take an ephemeral port each
+    // (`Agent::endpoint` reads it from the log) unless the test names one.
+    let metrics = if extra.contains("[metrics]") {
+        ""
+    } else {
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n"
+    };
     format!(
         r#"[agent]
 gateway_id = "gw-test"
@@ -602,6 +631,7 @@ reconnect_min = "50ms"
 reconnect_max = "500ms"
 keep_alive = "5s"
 
+{metrics}
 {extra}
 "#,
         data_dir.display()
@@ -921,4 +951,47 @@ pub fn trace_bottleneck(
             drops = 0;
         }
     }
+}
+
+/// A plain HTTP/1.0 request to `addr` (the agent's endpoint): status code and body.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the answer");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {out:?}"));
+    (code, body.to_owned())
+}
+
+/// Samples of a Prometheus text exposition: (name with labels, value). Panics on a
+/// line that is neither a comment nor `name[{labels}] value`.
+pub fn prometheus_samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (name, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not a sample line: {l:?}"));
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse().unwrap_or_else(|_| panic!("not a value: {l:?}")),
+            };
+            (name.to_owned(), value)
+        })
+        .collect()
 }

@@ -196,11 +196,18 @@ fn no_batch_uses_a_dictionary_before_its_puback() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
+    // The scripted broker speaks MQTT 3.1.1 (its codec); what is tested is the
+    // dictionary's ordering, the same in both protocols.
     let cfg = config(
         &dir.path().join("data"),
         &format!("mqtt://127.0.0.1:{broker_port}"),
         port,
+    )
+    .replace(
+        "mode = \"batch\"\n",
+        "mode = \"batch\"\nprotocol = \"3.1.1\"\n",
     );
+    assert!(cfg.contains("protocol = \"3.1.1\""), "{cfg}");
     let _agent = Agent::start(dir.path(), &cfg);
     let stop = Arc::new(AtomicBool::new(false));
     let feeding = stop.clone();

@@ -210,6 +210,8 @@ impl Republisher {
                 priority_connection: false,
                 // The central side's LAN: whatever the system runs.
                 congestion: None,
+                protocol: crate::config::MqttVersion::V5,
+                max_attempts: std::num::NonZeroU16::MIN,
                 connect_timeout: Duration::from_secs(10),
                 reconnect_min: Duration::from_millis(200),
                 reconnect_max: Duration::from_secs(10),
@@ -222,7 +224,6 @@ impl Republisher {
         &mut self,
         items: Vec<(String, bytes::Bytes, bool)>,
     ) -> Result<(), String> {
-        use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
         const WINDOW: usize = 256;
         if self.session.is_none() {
@@ -249,8 +250,11 @@ impl Republisher {
                     .map_err(|e| e.to_string())?;
                 while !waiting.is_empty() {
                     match tokio::time::timeout(Duration::from_secs(30), s.reader.next()).await {
-                        Ok(Some(Ok(rumqttc::mqttbytes::v4::Packet::PubAck(a)))) => {
-                            waiting.remove(&a.pkid);
+                        Ok(Some(Ok(crate::uplink::session::Incoming::PubAck { pkid, refused }))) => {
+                            if let Some(r) = refused {
+                                tracing::warn!(reason = %r.reason, "the broker refused a republished record");
+                            }
+                            waiting.remove(&pkid);
                         }
                         Ok(Some(Ok(_))) => {}
                         Ok(Some(Err(e))) => return Err(e.to_string()),

@@ -7,8 +7,10 @@
 //! only its own section.
 
 mod local;
+mod ops;
 mod policy;
 mod raw;
+pub mod reload;
 mod render;
 mod sections;
 mod validate;
@@ -34,6 +36,35 @@ pub struct Config {
     pub local_mqtt: Option<LocalMqttConfig>,
     pub local_broker: Option<LocalBrokerConfig>,
     pub upstream: UpstreamConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+pub use ops::DEFAULT_METRICS_LISTEN;
+
+/// The HTTP endpoint for Prometheus, health checks and `edgerelay status` (`[metrics]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// None: `listen = "off"`.
+    pub listen: Option<SocketAddr>,
+    /// A backlog with the link up and nothing acknowledged for this long is "stuck":
+    /// not ready, a warning, a metric.
+    pub stuck_after: Duration,
+}
+
+/// Logging (`[log]`); `EDGERELAY_LOG` overrides the level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A tracing filter ("info", "edgerelay=debug,info").
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    /// One JSON object a line, for log shippers.
+    Json,
 }
 
 /// How fast the uplink may send (`[rate]`).
@@ -220,6 +251,10 @@ pub struct UpstreamConfig {
     pub password: Option<Secret>,
     pub keep_alive: Duration,
     pub inflight: NonZeroU16,
+    /// The MQTT version of the upstream sessions.
+    pub protocol: MqttVersion,
+    /// Refusals of a record (MQTT 5) before it moves to the dead letters.
+    pub max_attempts: NonZeroU16,
     /// High-priority streams go on a second connection (client id `{client_id}-hi`),
     /// so they never wait behind the rest's loss recovery on a lossy link.
     pub priority_connection: bool,
@@ -230,6 +265,14 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+}
+
+/// `[upstream] protocol`: MQTT 5 (refusals are seen, the broker's packet size limit
+/// is honoured) or 3.1.1 (for brokers without 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttVersion {
+    V311,
+    V5,
 }
 
 /// Parse an `mqtt://host[:port]` URL (as in `[upstream] url`) into host and port.

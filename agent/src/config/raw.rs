@@ -62,6 +62,8 @@ pub struct RawUpstream {
     pub inflight: Field<i64>,
     pub priority_connection: Field<bool>,
     pub congestion: Field<String>,
+    pub protocol: Field<String>,
+    pub max_attempts: Field<i64>,
     pub connect_timeout: Field<String>,
     pub reconnect_min: Field<String>,
     pub reconnect_max: Field<String>,
@@ -111,6 +113,20 @@ pub struct RawCompression {
 #[serde(deny_unknown_fields)]
 pub struct RawLink {
     pub probe: Field<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Field<String>,
+    pub stuck_after: Field<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Field<String>,
+    pub format: Field<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

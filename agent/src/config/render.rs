@@ -230,6 +230,17 @@ pub fn render(c: &Config) -> String {
         Value::Boolean(u.priority_connection),
     );
     up.insert(
+        "protocol".into(),
+        s(match u.protocol {
+            MqttVersion::V5 => "5",
+            MqttVersion::V311 => "3.1.1",
+        }),
+    );
+    up.insert(
+        "max_attempts".into(),
+        Value::Integer(i64::from(u.max_attempts.get())),
+    );
+    up.insert(
         "congestion".into(),
         s(u.congestion.as_deref().unwrap_or("system")),
     );
@@ -237,6 +248,27 @@ pub fn render(c: &Config) -> String {
     up.insert("reconnect_min".into(), dur(u.reconnect_min));
     up.insert("reconnect_max".into(), dur(u.reconnect_max));
     root.insert("upstream".into(), Value::Table(up));
+
+    let mut metrics = Table::new();
+    metrics.insert(
+        "listen".into(),
+        s(c.metrics
+            .listen
+            .map_or_else(|| "off".to_owned(), |a| a.to_string())),
+    );
+    metrics.insert("stuck_after".into(), dur(c.metrics.stuck_after));
+    root.insert("metrics".into(), Value::Table(metrics));
+
+    let mut log = Table::new();
+    log.insert("level".into(), s(&c.log.level));
+    log.insert(
+        "format".into(),
+        s(match c.log.format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }),
+    );
+    root.insert("log".into(), Value::Table(log));
 
     toml::to_string(&root).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
 }

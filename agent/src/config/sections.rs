@@ -299,6 +299,13 @@ pub(super) fn validate_upstream(
         Duration::from_secs(65_535),
     );
     let inflight = ctx.int("upstream.inflight", &raw.inflight, 64, 1, 65_535);
+    let protocol = ctx.choice(
+        "upstream.protocol",
+        &raw.protocol,
+        &[("5", MqttVersion::V5), ("3.1.1", MqttVersion::V311)],
+        MqttVersion::V5,
+    );
+    let max_attempts = ctx.int("upstream.max_attempts", &raw.max_attempts, 3, 1, 100);
     let congestion = match &raw.congestion {
         None => Some("bbr".to_owned()),
         Some(f) if f.get_ref() == "system" => None,
@@ -364,6 +371,8 @@ pub(super) fn validate_upstream(
             .as_ref()
             .is_none_or(|b| *b.get_ref()),
         congestion,
+        protocol,
+        max_attempts: NonZeroU16::new(max_attempts as u16).unwrap_or(NonZeroU16::MIN),
         connect_timeout,
         reconnect_min,
         reconnect_max,

@@ -321,12 +321,43 @@ fn local_mqtt_and_local_broker() {
 }
 
 #[test]
-fn unsupported_sections_say_so() {
-    let problems = parse(&format!("{MINIMAL}\n[metrics]\nlisten = 3\n")).expect_err("invalid");
-    assert!(
-        problems[0].message.contains("not supported"),
-        "{problems:?}"
+fn metrics_and_log_settings() {
+    let c = parse(MINIMAL).expect("valid");
+    assert_eq!(
+        c.metrics.listen,
+        Some("127.0.0.1:9464".parse().expect("addr"))
     );
+    assert_eq!(c.metrics.stuck_after, Duration::from_secs(120));
+    assert_eq!(c.log.level, "info");
+    assert_eq!(c.log.format, LogFormat::Text);
+    let c = parse(&format!(
+        "{MINIMAL}[metrics]\nlisten = \"off\"\nstuck_after = \"30s\"\n[log]\nlevel = \"edgerelay=debug,warn\"\nformat = \"json\"\n"
+    ))
+    .expect("valid");
+    assert_eq!(c.metrics.listen, None);
+    assert_eq!(c.metrics.stuck_after, Duration::from_secs(30));
+    assert_eq!(c.log.format, LogFormat::Json);
+    let rendered = c.render();
+    for line in [
+        "listen = \"off\"",
+        "format = \"json\"",
+        "level = \"edgerelay=debug,warn\"",
+    ] {
+        assert!(rendered.contains(line), "{line} in {rendered}");
+    }
+    let problems = parse(&format!(
+        "{MINIMAL}[metrics]\nlisten = \"everywhere\"\nstuck_after = \"1s\"\n[log]\nlevel = \"info,=[\"\nformat = \"xml\"\n"
+    ))
+    .expect_err("invalid");
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for k in [
+        "metrics.listen",
+        "metrics.stuck_after",
+        "log.level",
+        "log.format",
+    ] {
+        assert!(keys.contains(&k), "missing {k} in {problems:?}");
+    }
 }
 
 #[test]

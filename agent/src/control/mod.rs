@@ -240,6 +240,12 @@ impl Controller {
         }
     }
 
+    /// A new hard cap (a reloaded `[rate] max_rate`), bytes/s; applies from the next
+    /// tick.
+    pub fn set_max_rate(&mut self, max_rate: Option<u64>) {
+        self.s.max_rate = max_rate;
+    }
+
     fn cap(&self) -> f64 {
         self.s.max_rate.map_or(f64::MAX, |m| m as f64)
     }
@@ -520,16 +526,27 @@ impl Controller {
         } else {
             self.rate
         };
-        let records = (carried * batch_time.as_secs_f64() / per_record) as usize;
+        let mut records = (carried * batch_time.as_secs_f64() / per_record) as usize;
+        // While the link keeps up (nothing waits beyond what is in flight) the
+        // bandwidth estimate is only what the data needed, and sizing batches by it
+        // would send small batches often: the bytes a metered link pays for. Then a
+        // batch takes what arrives within the configured linger — at most linger's
+        // worth of link time, since the link carries more than arrives. With a backlog
+        // the link-time bound alone holds, so a high-priority publish never waits
+        // behind a long batch.
+        let waiting = i.backlog_bytes as f64 * i.wire_ratio.clamp(0.0, 1.0);
+        if waiting <= self.rate.min(carried.max(1.0)) {
+            let arriving = i.ingest_rate * i.wire_ratio.clamp(0.0, 1.0) / per_record;
+            records = records.max((arriving * self.s.linger.as_secs_f64()) as usize);
+        }
         Plan {
             paused: false,
             rate: self.rate.min(self.cap()) as u64,
             window: self.window(),
             batch_size: records.clamp(10, self.s.batch_size.max(10)),
-            linger: (batch_time / 2).clamp(
-                Duration::from_millis(50),
-                self.s.linger.max(Duration::from_millis(50)),
-            ),
+            // The operator's latency budget for a partial batch: lingering less only
+            // buys latency nobody asked for with bytes on the link.
+            linger: self.s.linger.max(Duration::from_millis(50)),
             level: self.level,
             degraded: self.degraded,
         }

@@ -393,20 +393,25 @@ fn an_outage_pauses_and_recovery_resumes_at_the_known_link_without_a_flood() {
     );
 }
 
-#[test]
-fn degraded_while_arrivals_exceed_the_link_and_level_follows_cpu() {
-    let mut link = SimLink::new(12_500.0, 100); // 100 kbit/s
-    let mut c = Controller::new(settings());
-    run(&mut c, &mut link, 20);
-    let q = link.step(&Plan {
+/// A plan that just sends at `rate`, for a second on the simulated link.
+fn steady(rate: u64) -> Plan {
+    Plan {
         paused: false,
-        rate: 12_500,
+        rate,
         window: u64::MAX,
         batch_size: 10,
         linger: Duration::ZERO,
         level: 3,
         degraded: Degradation::default(),
-    });
+    }
+}
+
+#[test]
+fn degraded_while_arrivals_exceed_the_link_and_level_follows_cpu() {
+    let mut link = SimLink::new(12_500.0, 100); // 100 kbit/s
+    let mut c = Controller::new(settings());
+    run(&mut c, &mut link, 20);
+    let q = link.step(&steady(12_500));
     let mut i = inputs(q);
     i.ingest_rate = 200_000.0; // × 0.1 wire ratio = 20 kB/s > 12.5 kB/s
     i.ingest_low = 150_000.0; // without low: 5 kB/s, which the link carries
@@ -493,5 +498,35 @@ fn resuming_with_no_readings_yet_keeps_the_restart_rate() {
     assert!(
         rates.iter().all(|&r| r as f64 >= bw * 0.45),
         "resuming at {rates:?} of a {bw} link"
+    );
+}
+
+/// A link that keeps up: batches take what arrives within the configured linger
+/// (bytes matter on a metered link, and the link has room), while a backlog sizes them
+/// by link time (a high-priority publish must not wait behind a long batch).
+#[test]
+fn batches_follow_the_linger_while_the_link_keeps_up_and_link_time_with_a_backlog() {
+    let mut link = SimLink::new(12_500.0, 100); // 100 kbit/s
+    let mut c = Controller::new(settings());
+    run(&mut c, &mut link, 20);
+    let q = link.step(&steady(12_500));
+    let mut i = inputs(q);
+    // 30 kB/s stored × 0.1 = 3 kB/s on the wire, 150 records/s of 20 wire bytes.
+    i.ingest_rate = 30_000.0;
+    i.backlog_bytes = 5_000;
+    let p = c.tick(&i);
+    assert_eq!(p.linger, Duration::from_secs(1), "the configured linger");
+    assert!(
+        (140..=160).contains(&p.batch_size),
+        "a second's arrivals: {}",
+        p.batch_size
+    );
+    // A backlog of 10 s of link time: the batch is 150 ms of the link (~94 records).
+    i.backlog_bytes = 1_250_000;
+    let p = c.tick(&i);
+    assert!(
+        p.batch_size < 120,
+        "link-time bound with a backlog: {}",
+        p.batch_size
     );
 }

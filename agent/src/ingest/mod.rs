@@ -21,10 +21,12 @@ use crate::record::Record;
 use crate::store::{AppendError, Refused, Store, StoreError, StreamId};
 
 /// Which buffered stream a message goes to, by its topic (`[[policy]]`): resolved
-/// once to store ids at start-up, then a lookup per message.
+/// once to store ids at start-up, then a lookup per message. A reload may replace the
+/// policies (topics, priorities, degradation) but not the streams: every clone sees
+/// the new ones at its next message.
 #[derive(Debug, Clone)]
 pub struct Routes {
-    policies: Arc<Policies>,
+    policies: Arc<std::sync::RwLock<Arc<Policies>>>,
     ids: Arc<[StreamId]>,
 }
 
@@ -40,18 +42,33 @@ impl Routes {
             ids.push(id);
         }
         Ok(Self {
-            policies: Arc::new(policies),
+            policies: Arc::new(std::sync::RwLock::new(Arc::new(policies))),
             ids: ids.into(),
         })
     }
 
     /// The stream of a message published to `topic`.
     pub fn stream(&self, topic: &str) -> StreamId {
-        self.ids[self.policies.stream_of(topic)]
+        self.ids[self.policies().stream_of(topic)]
     }
 
-    pub fn policies(&self) -> &Arc<Policies> {
-        &self.policies
+    /// The policies in force.
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Put `new` policies in force; they must name the same streams, in the same order
+    /// (checked by the caller: `config::reload`).
+    pub fn replace(&self, store: &Store, new: Arc<Policies>) {
+        for (i, id) in self.ids.iter().enumerate() {
+            if new.conflates(i) {
+                store.track_latest(*id);
+            }
+        }
+        *self.policies.write().unwrap_or_else(|e| e.into_inner()) = new;
     }
 
     /// Store ids, in the order of `policies().streams()`.

@@ -164,6 +164,8 @@ pub enum GapReason {
     Sampled = 3,
     /// Dropped by `degrade = "latest"`: a newer message of the same topic was kept.
     Conflated = 4,
+    /// Refused by the broker, kept as a dead letter, and purged by an operator.
+    Purged = 5,
 }
 
 impl GapReason {
@@ -173,6 +175,7 @@ impl GapReason {
             2 => Some(Self::MaxSize),
             3 => Some(Self::Sampled),
             4 => Some(Self::Conflated),
+            5 => Some(Self::Purged),
             _ => None,
         }
     }
@@ -182,6 +185,7 @@ impl GapReason {
             Self::MaxSize => "max_size",
             Self::Sampled => "sampled",
             Self::Conflated => "conflated",
+            Self::Purged => "purged",
         }
     }
 }

@@ -14,6 +14,7 @@
 //! - Memory is bounded: a fixed redb cache, bounded request channel, bounded reads.
 
 mod codec;
+pub mod dead;
 mod inbox;
 mod latest;
 mod retention;
@@ -136,6 +137,18 @@ pub enum AppendError {
     Closed,
 }
 
+impl AppendError {
+    /// The `reason` label of the rejected-messages metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AppendError::Full => "buffer_full",
+            AppendError::TooLarge { .. } => "too_large",
+            AppendError::Storage(_) => "storage",
+            AppendError::Closed => "closed",
+        }
+    }
+}
+
 /// A refused append: why, and the record itself when the writer still had it, so a
 /// producer can retry without keeping its own copy.
 #[derive(Debug)]
@@ -160,6 +173,8 @@ pub struct StoreStats {
     pub budget_bytes: u64,
     pub commits: u64,
     pub rejected_full: u64,
+    /// Records in the dead-letter table.
+    pub dead_letters: u64,
 }
 
 /// A stored range that left the buffer unsent.
@@ -201,6 +216,20 @@ pub(crate) enum Request {
         stream: StreamId,
         seqs: Vec<u64>,
         reason: GapReason,
+        reply: oneshot::Sender<Result<u64, AppendError>>,
+    },
+    /// Move records the broker refused too often to the dead letters.
+    Bury {
+        burials: Vec<dead::Burial>,
+        reply: oneshot::Sender<Result<u64, AppendError>>,
+    },
+    /// Queue dead letters again (as new records), or purge them (as gaps).
+    DeadRetry {
+        which: dead::Which,
+        reply: oneshot::Sender<Result<u64, AppendError>>,
+    },
+    DeadPurge {
+        which: dead::Which,
         reply: oneshot::Sender<Result<u64, AppendError>>,
     },
     /// Set a value other parts keep with the buffer (see [`Store::put_meta`]).
@@ -658,6 +687,91 @@ impl Store {
         let (req, rx) = call(|reply| Request::AckGaps { gaps, reply });
         self.tx.send(req).await.map_err(|_| AppendError::Closed)?;
         rx.await.unwrap_or(Err(AppendError::Closed))
+    }
+
+    /// Move refused records to the dead letters (returns how many were still stored).
+    pub async fn bury(&self, burials: Vec<dead::Burial>) -> Result<u64, AppendError> {
+        self.counted(|reply| Request::Bury { burials, reply }).await
+    }
+
+    /// Queue the dead letters `which` selects again, as new records at the end of
+    /// their streams (returns how many; stops early when the buffer is full).
+    pub async fn retry_dead_letters(&self, which: dead::Which) -> Result<u64, AppendError> {
+        self.counted(|reply| Request::DeadRetry { which, reply })
+            .await
+    }
+
+    /// Delete the dead letters `which` selects, recording them as gaps (`purged`).
+    pub async fn purge_dead_letters(&self, which: dead::Which) -> Result<u64, AppendError> {
+        self.counted(|reply| Request::DeadPurge { which, reply })
+            .await
+    }
+
+    /// The same, for callers outside the async runtime (the CLI without an agent).
+    pub fn retry_dead_letters_blocking(&self, which: dead::Which) -> Result<u64, AppendError> {
+        let (req, rx) = call(|reply| Request::DeadRetry { which, reply });
+        self.tx
+            .blocking_send(req)
+            .map_err(|_| AppendError::Closed)?;
+        rx.blocking_recv().unwrap_or(Err(AppendError::Closed))
+    }
+
+    pub fn purge_dead_letters_blocking(&self, which: dead::Which) -> Result<u64, AppendError> {
+        let (req, rx) = call(|reply| Request::DeadPurge { which, reply });
+        self.tx
+            .blocking_send(req)
+            .map_err(|_| AppendError::Closed)?;
+        rx.blocking_recv().unwrap_or(Err(AppendError::Closed))
+    }
+
+    async fn counted(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<u64, AppendError>>) -> Request,
+    ) -> Result<u64, AppendError> {
+        let (req, rx) = call(make);
+        self.tx.send(req).await.map_err(|_| AppendError::Closed)?;
+        rx.await.unwrap_or(Err(AppendError::Closed))
+    }
+
+    /// Up to `limit` dead letters, by stream and seq.
+    pub fn dead_letters_blocking(&self, limit: usize) -> Result<Vec<dead::DeadLetter>, StoreError> {
+        let storage = |e: &dyn std::fmt::Display| StoreError::Storage {
+            path: (*self.path).clone(),
+            detail: e.to_string(),
+        };
+        let names: HashMap<u16, String> = self
+            .stats()
+            .streams
+            .iter()
+            .map(|s| (s.id.0, s.name.clone()))
+            .collect();
+        let txn = self.db.begin_read().map_err(|e| storage(&e))?;
+        let table = match txn.open_table(schema::DEAD_LETTERS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(&e)),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| storage(&e))?.take(limit) {
+            let (k, v) = row.map_err(|e| storage(&e))?;
+            let (stream, seq) = k.value();
+            let name = names
+                .get(&stream)
+                .cloned()
+                .unwrap_or_else(|| format!("#{stream}"));
+            match dead::describe(name, seq, v.value()) {
+                Ok(d) => out.push(d),
+                Err(e) => tracing::warn!(stream, seq, error = %e, "unreadable dead letter skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<dead::DeadLetter>, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.dead_letters_blocking(limit))
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     /// Recorded gaps, oldest first (async; see [`Store::gaps_blocking`]).

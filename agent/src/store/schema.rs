@@ -16,6 +16,9 @@ pub const STREAMS: TableDefinition<&str, u16> = TableDefinition::new("streams");
 pub const STREAM_STATE: TableDefinition<u16, &[u8]> = TableDefinition::new("stream_state");
 pub const RECORDS: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("records");
 pub const GAPS: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("gaps");
+/// Records the broker refused too often (store/dead.rs); created by the first write of
+/// a file from before it existed.
+pub const DEAD_LETTERS: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("dead_letters");
 
 /// Written once at creation; checked at every open.
 pub const FORMAT: &[u8] = b"edgerelay-buffer/1";
@@ -85,6 +88,7 @@ fn init(db: &Database) -> Result<u64, redb::Error> {
         txn.open_table(STREAM_STATE)?;
         txn.open_table(RECORDS)?;
         txn.open_table(GAPS)?;
+        txn.open_table(DEAD_LETTERS)?;
     }
     txn.commit()?;
     Ok(epoch)

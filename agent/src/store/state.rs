@@ -7,7 +7,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::codec::{GapValue, StreamState};
-use super::schema::{GAPS, STREAMS, STREAM_STATE};
+use super::schema::{DEAD_LETTERS, GAPS, STREAMS, STREAM_STATE};
 use super::{StoreError, StoreStats, StreamId, StreamStats};
 
 #[derive(Debug, Clone)]
@@ -24,6 +24,8 @@ pub struct State {
     pub used: u64,
     pub commits: u64,
     pub rejected_full: u64,
+    /// Rows of the dead-letter table.
+    pub dead: u64,
 }
 
 impl State {
@@ -42,6 +44,7 @@ impl State {
             budget_bytes: budget,
             commits: self.commits,
             rejected_full: self.rejected_full,
+            dead_letters: self.dead,
         }
     }
 }
@@ -86,6 +89,17 @@ pub fn load_state(db: &Database, path: &Path) -> Result<State, StoreError> {
                 open_gap,
             },
         );
+    }
+    // A file from before dead letters has no such table: none.
+    match txn.open_table(DEAD_LETTERS) {
+        Ok(dead) => {
+            for row in dead.iter().map_err(|e| err(&e))? {
+                let (_, v) = row.map_err(|e| err(&e))?;
+                super::dead::account(&mut state, v.value().len(), true);
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(err(&e)),
     }
     Ok(state)
 }

@@ -16,7 +16,7 @@ use super::codec::{self, GapReason, GapValue, StreamState};
 use super::inbox::{Inbox, Recv};
 use super::latest::LatestIndex;
 use super::retention::{self, Admission, Head};
-use super::schema::{GAPS, META, RECORDS, STREAMS, STREAM_STATE};
+use super::schema::{DEAD_LETTERS, GAPS, META, RECORDS, STREAMS, STREAM_STATE};
 use super::state::{State, StreamEntry};
 use super::{AppendError, Refused, Request, StoreError, StoreOptions, StoreStats, StreamId};
 
@@ -46,7 +46,11 @@ enum Reply {
         oneshot::Sender<Result<StreamId, StoreError>>,
         Result<StreamId, StoreError>,
     ),
-    Append(oneshot::Sender<Result<u64, Refused>>, Result<u64, Refused>),
+    Append(
+        oneshot::Sender<Result<u64, Refused>>,
+        Result<u64, Refused>,
+        crate::record::OriginKind,
+    ),
     Ack(Option<oneshot::Sender<Result<(), AppendError>>>),
     Maintain(oneshot::Sender<()>),
     Discard(oneshot::Sender<Result<u64, AppendError>>, u64),
@@ -58,7 +62,8 @@ impl Reply {
             Reply::Stream(tx, r) => {
                 let _ = tx.send(r);
             }
-            Reply::Append(tx, r) => {
+            Reply::Append(tx, r, source) => {
+                count_append(source, r.as_ref().err().map(|e| &e.error));
                 let _ = tx.send(r);
             }
             Reply::Ack(Some(tx)) => {
@@ -83,12 +88,11 @@ impl Reply {
                     detail: detail.to_owned(),
                 }));
             }
-            Reply::Append(tx, r) => {
+            Reply::Append(tx, r, source) => {
+                let error = AppendError::Storage(detail.to_owned());
+                count_append(source, Some(&error));
                 let record = r.err().and_then(|refused| refused.record);
-                let _ = tx.send(Err(Refused {
-                    error: AppendError::Storage(detail.to_owned()),
-                    record,
-                }));
+                let _ = tx.send(Err(Refused { error, record }));
             }
             Reply::Ack(Some(tx)) => {
                 let _ = tx.send(Err(AppendError::Storage(detail.to_owned())));
@@ -102,6 +106,25 @@ impl Reply {
             }
         }
     }
+}
+
+/// Count a decided append into the metrics (accepted: committed, so acknowledged).
+fn count_append(source: crate::record::OriginKind, error: Option<&AppendError>) {
+    let m = crate::telemetry::metrics();
+    let source = source.as_str();
+    match error {
+        None => m
+            .accepted
+            .get_or_create(&crate::telemetry::labels(&[("source", source)]))
+            .inc(),
+        Some(e) => m
+            .rejected
+            .get_or_create(&crate::telemetry::labels(&[
+                ("source", source),
+                ("reason", e.reason()),
+            ]))
+            .inc(),
+    };
 }
 
 /// What one transaction changed, to decide which signals to raise.
@@ -234,6 +257,7 @@ impl Writer {
                 let mut tables = Tables {
                     records: txn.open_table(RECORDS)?,
                     gaps: txn.open_table(GAPS)?,
+                    dead: txn.open_table(DEAD_LETTERS)?,
                     streams: txn.open_table(STREAMS)?,
                     meta: txn.open_table(META)?,
                 };
@@ -357,12 +381,14 @@ impl Writer {
                 }
                 // A refused record goes back to its producer, which may retry it
                 // without having kept a copy.
+                let source = record.origin.kind;
                 Reply::Append(
                     reply,
                     res.map_err(|error| Refused {
                         error,
                         record: Some(record),
                     }),
+                    source,
                 )
             }
             Request::Ack {
@@ -389,6 +415,18 @@ impl Writer {
                 reply,
             } => {
                 let n = self.discard(work, t, stream.0, &seqs, reason, fx)?;
+                Reply::Discard(reply, n)
+            }
+            Request::Bury { burials, reply } => {
+                let n = self.bury(work, t, burials, fx)?;
+                Reply::Discard(reply, n)
+            }
+            Request::DeadRetry { which, reply } => {
+                let n = self.retry_dead(work, t, &which, fx)?;
+                Reply::Discard(reply, n)
+            }
+            Request::DeadPurge { which, reply } => {
+                let n = purge_dead(work, t, &which, fx)?;
                 Reply::Discard(reply, n)
             }
             Request::PutMeta { key, value, reply } => {
@@ -446,6 +484,60 @@ impl Writer {
         fx.appended = true;
         fx.touched.push(stream.0);
         Ok(Ok(seq))
+    }
+
+    /// Move the records of `burials` still stored to the dead letters.
+    fn bury(
+        &mut self,
+        work: &mut State,
+        t: &mut Tables<'_>,
+        burials: Vec<super::dead::Burial>,
+        fx: &mut Effects,
+    ) -> Result<u64, redb::Error> {
+        let mut n = 0;
+        let now = crate::record::now_ms();
+        for b in burials {
+            let key = (b.stream.0, b.seq);
+            let Some(stored) = t.records.get(key)?.map(|v| v.value().to_vec()) else {
+                continue;
+            };
+            remove_record(work, t, b.stream.0, b.seq, fx)?;
+            let value = super::dead::encode(b.attempts, now, &b.reason, &stored);
+            t.dead.insert(key, value.as_slice())?;
+            super::dead::account(work, value.len(), true);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Queue the dead letters `which` selects again as new records; stops at the first
+    /// the buffer refuses (it stays a dead letter).
+    fn retry_dead(
+        &mut self,
+        work: &mut State,
+        t: &mut Tables<'_>,
+        which: &super::dead::Which,
+        fx: &mut Effects,
+    ) -> Result<u64, redb::Error> {
+        let mut n = 0;
+        for ((stream, seq), value) in dead_rows(work, t, which)? {
+            let Ok(record) = super::dead::record_of(&value) else {
+                tracing::warn!(stream, seq, "unreadable dead letter left in place");
+                continue;
+            };
+            match self.append(work, t, StreamId(stream), &record, fx)? {
+                Ok(_) => {
+                    t.dead.remove((stream, seq))?;
+                    super::dead::account(work, value.len(), false);
+                    n += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retrying dead letters stopped: the buffer refused one");
+                    break;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Delete the records of `seqs` still stored and record them as one gap.
@@ -669,9 +761,57 @@ fn remove_record(
     Ok(true)
 }
 
+/// A dead-letter row: ((stream, seq), value).
+type DeadRow = ((u16, u64), Vec<u8>);
+
+/// The dead-letter rows `which` selects.
+fn dead_rows(
+    work: &State,
+    t: &Tables<'_>,
+    which: &super::dead::Which,
+) -> Result<Vec<DeadRow>, redb::Error> {
+    let mut rows = Vec::new();
+    for row in t.dead.iter()? {
+        let (k, v) = row?;
+        let (stream, seq) = k.value();
+        let name = work.streams.get(&stream).map_or("", |s| s.name.as_str());
+        if super::dead::selects(which, name, seq) {
+            rows.push(((stream, seq), v.value().to_vec()));
+        }
+    }
+    Ok(rows)
+}
+
+/// Delete the dead letters `which` selects, recording each run of them as a gap
+/// (`purged`): what is purged is reported upstream like any other loss.
+fn purge_dead(
+    work: &mut State,
+    t: &mut Tables<'_>,
+    which: &super::dead::Which,
+    fx: &mut Effects,
+) -> Result<u64, redb::Error> {
+    let rows = dead_rows(work, t, which)?;
+    let mut by_stream: std::collections::BTreeMap<u16, Vec<u64>> = Default::default();
+    for ((stream, seq), value) in &rows {
+        t.dead.remove((*stream, *seq))?;
+        super::dead::account(work, value.len(), false);
+        by_stream.entry(*stream).or_default().push(*seq);
+    }
+    for (stream, mut seqs) in by_stream {
+        seqs.sort_unstable();
+        for (first, gap) in super::dead::purge_gaps(&seqs) {
+            t.gaps.insert((stream, first), gap.encode().as_slice())?;
+        }
+        // The transaction must commit (and the uplink look for gaps).
+        fx.touched.push(stream);
+    }
+    Ok(rows.len() as u64)
+}
+
 struct Tables<'txn> {
     records: Table<'txn, (u16, u64), &'static [u8]>,
     gaps: Table<'txn, (u16, u64), &'static [u8]>,
+    dead: Table<'txn, (u16, u64), &'static [u8]>,
     streams: Table<'txn, &'static str, u16>,
     meta: Table<'txn, &'static str, &'static [u8]>,
 }

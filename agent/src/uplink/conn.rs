@@ -16,11 +16,8 @@ use std::future::pending;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::StreamExt;
-use rumqttc::mqttbytes::v4::{Codec, Packet};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio_util::codec::FramedRead;
+use tokio::net::tcp::OwnedWriteHalf;
 
 use super::packer::Seqs;
 use super::session::{Session, SessionError};
@@ -29,8 +26,8 @@ use crate::store::Gap;
 /// What a publish awaiting PUBACK carries.
 #[derive(Debug)]
 pub enum InFlight {
-    /// Records of lane `.0`.
-    Records(usize, Seqs),
+    /// Records of lane `.0`, `.2` bytes of them as stored.
+    Records(usize, Seqs, usize),
     Gap(Gap),
     Announcement(u64),
 }
@@ -120,14 +117,14 @@ impl Conn {
             return Err(SessionError::KeepAliveTimeout(self.last_rx.elapsed()));
         }
         if self.last_tx.elapsed() >= keep_alive && self.s.out.is_empty() {
-            self.s.queue(&Packet::PingReq)?;
+            self.s.queue_ping()?;
         }
         Ok(())
     }
 }
 
 /// A connection's packet reader.
-pub type Reader = FramedRead<OwnedReadHalf, Codec>;
+pub type Reader = super::session::Reader;
 /// A connection's writer and the bytes it has yet to write.
 pub type Writer<'a> = (&'a mut OwnedWriteHalf, &'a mut BytesMut);
 
@@ -146,7 +143,7 @@ pub fn halves(c: Option<&mut Conn>) -> (Option<&mut Reader>, Option<Writer<'_>>)
 /// The next packet from `reader`; never ready without one.
 pub async fn next_packet(
     reader: Option<&mut Reader>,
-) -> Option<Result<Packet, rumqttc::mqttbytes::Error>> {
+) -> Option<Result<super::session::Incoming, SessionError>> {
     match reader {
         Some(r) => r.next().await,
         None => pending().await,

@@ -88,6 +88,22 @@ pub struct Forwarder {
     /// Link-adaptive pacing (batch mode): the controller's inputs and the link quality.
     adapt: Option<(Adapter, watch::Receiver<LinkQuality>)>,
     pacer: Pacer,
+    /// What the operator's endpoint shows of the uplink.
+    telemetry: Arc<crate::telemetry::UplinkShared>,
+    /// Refusals so far of records the broker refused (MQTT 5), by stream and seq.
+    attempts: std::collections::HashMap<(StreamId, u64), u32>,
+    /// Gap notices the broker refused this session (sent again by the next one).
+    refused_gaps: std::collections::HashSet<(StreamId, u64)>,
+    /// What a reload may change while running.
+    live: Option<Live>,
+}
+
+/// Settings a reload changes in a running uplink (`config::reload`).
+#[derive(Debug)]
+pub struct Live {
+    pub policies: watch::Receiver<Arc<Policies>>,
+    /// `[rate] max_rate`, bytes/s.
+    pub max_rate: watch::Receiver<Option<u64>>,
 }
 
 /// Gap notices published at once, at most.
@@ -108,6 +124,7 @@ pub fn gap_notice(gateway: &str, epoch: u64, stream: &str, g: &Gap) -> String {
 }
 
 mod broker;
+mod refusal;
 
 /// How a session ended.
 enum End {
@@ -171,6 +188,10 @@ impl Forwarder {
             order: Vec::new(),
             packer,
             link: LinkFeed::detached(),
+            telemetry: Arc::default(),
+            attempts: Default::default(),
+            refused_gaps: Default::default(),
+            live: None,
             adapt: None,
             pacer: Pacer::new(Plan {
                 paused: false,
@@ -205,6 +226,42 @@ impl Forwarder {
         self
     }
 
+    /// Follow reloaded policies and rate cap.
+    pub fn with_live(mut self, live: Live) -> Self {
+        self.live = Some(live);
+        self
+    }
+
+    /// Once a second: what a reload changed, put in force.
+    fn apply_reload(&mut self) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        if live.policies.has_changed().unwrap_or(false) {
+            let p = live.policies.borrow_and_update().clone();
+            for lane in &mut self.lanes {
+                if let Some(s) = p.streams().iter().find(|s| s.name == lane.name) {
+                    lane.priority = s.priority;
+                }
+            }
+            self.policies = p;
+            tracing::info!("policies reloaded");
+        }
+        if live.max_rate.has_changed().unwrap_or(false) {
+            let cap = *live.max_rate.borrow_and_update();
+            if let Some((adapter, _)) = self.adapt.as_mut() {
+                adapter.controller_mut().set_max_rate(cap);
+            }
+            tracing::info!(max_rate = ?cap, "rate cap reloaded (bytes/s)");
+        }
+    }
+
+    /// Publish the uplink's state for the operator's endpoint to `shared`.
+    pub fn with_telemetry(mut self, shared: Arc<crate::telemetry::UplinkShared>) -> Self {
+        self.telemetry = shared;
+        self
+    }
+
     /// Report connections, TCP_INFO and PUBACK round trips to the link monitor.
     pub fn with_link_feed(mut self, link: LinkFeed) -> Self {
         self.link = link;
@@ -212,6 +269,10 @@ impl Forwarder {
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
+        // The plan in force from the start, not only from the first tick: operators
+        // (and /metrics) see the pace before anything was sent.
+        let plan = *self.pacer.plan();
+        self.telemetry.update(|s| s.plan = Some(plan));
         let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
         let addr = format!("{}:{}", self.cfg.host, self.cfg.port);
         loop {
@@ -222,6 +283,8 @@ impl Forwarder {
             match connected {
                 Ok(session) => {
                     tracing::info!(broker = %addr, client_id = %self.cfg.client_id, "connected upstream");
+                    crate::telemetry::metrics().upstream_connects.inc();
+                    self.telemetry.update(|s| s.connected = true);
                     let wanted = self.cfg.priority_connection
                         && self.lanes.iter().any(|l| l.priority == Priority::High);
                     let express = if wanted {
@@ -251,6 +314,7 @@ impl Forwarder {
                             self.link.send(LinkEvent::Disconnected {
                                 reset: is_reset(&e),
                             });
+                            self.lost(format!("connection lost: {e}"));
                             tracing::warn!(broker = %addr, error = %e, "upstream connection lost")
                         }
                     }
@@ -259,6 +323,7 @@ impl Forwarder {
                     }
                 }
                 Err(e) => {
+                    self.lost(format!("cannot connect: {e}"));
                     self.link.send(LinkEvent::ConnectFailed {
                         refused: matches!(&e, SessionError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused),
                     });
@@ -272,6 +337,15 @@ impl Forwarder {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+    }
+
+    /// The session ended, or none could be made: say so on the operator's endpoint.
+    fn lost(&self, why: String) {
+        crate::telemetry::metrics().upstream_errors.inc();
+        self.telemetry.update(|s| {
+            s.connected = false;
+            s.last_error = Some(why);
+        });
     }
 
     async fn serve(
@@ -289,6 +363,7 @@ impl Forwarder {
         let mut express = express.map(|s| Conn::new(s, window));
         let mut progress = Progress::default();
         self.pacer.reset();
+        self.refused_gaps.clear();
         let mut pace_deadline: Option<tokio::time::Instant> = None;
         // Tags TCP_INFO samples: the counters restart with every connection.
         let connection = u64::from(bulk.s.local_port());
@@ -467,6 +542,7 @@ impl Forwarder {
                     }
                 }
                 _ = tick.tick() => {
+                    self.apply_reload();
                     look_for_gaps = true;
                     for lane in &mut self.lanes {
                         lane.flush_dropped(&self.store, false).await;
@@ -536,11 +612,18 @@ impl Forwarder {
         let Some((lane, unit)) = self.next_unit(pick).await? else {
             return Ok(false);
         };
+        let limit = c.s.max_packet().map(|m| m as usize);
+        if limit.is_some_and(|m| c.s.publish_size(&unit.topic, unit.payload.len()) > m) {
+            // Larger than the broker takes: never sent as it is.
+            self.too_large(lane, unit, limit.unwrap_or_default())
+                .await?;
+            return Ok(true);
+        }
         let records = match &unit.seqs {
             Seqs::One(_) => 1,
             Seqs::Many(v) => v.len(),
         };
-        let what = InFlight::Records(lane, unit.seqs);
+        let what = InFlight::Records(lane, unit.seqs, unit.stored_bytes);
         let bytes = c.publish(unit.topic, unit.payload, unit.retain, what)?;
         self.pacer.sent(bytes);
         if let Some((adapter, _)) = self.adapt.as_mut() {
@@ -564,11 +647,39 @@ impl Forwarder {
                 Pick::NotHigh if high => continue,
                 _ => {}
             }
+            if let Some(r) = self.lanes[i].retry.pop_front() {
+                let lane = &self.lanes[i];
+                let mut one = std::collections::VecDeque::from([r]);
+                if let Some(unit) = self.packer.pack(&lane.name, &mut one, true)? {
+                    return Ok(Some((i, unit)));
+                }
+            }
             let wants = self.packer.wants();
             let degraded = self.degraded.of(self.lanes[i].priority);
             let lane = &mut self.lanes[i];
             while lane.queue.len() < wants && !lane.caught_up {
                 lane.fill(&self.store, &self.policies, degraded).await?;
+            }
+            // Records the broker refused before (this session or an earlier one: some
+            // brokers close the connection after refusing) go one per publish.
+            if !self.attempts.is_empty() {
+                let (id, attempts) = (lane.id, &self.attempts);
+                let mut k = 0;
+                while k < lane.queue.len() {
+                    if attempts.contains_key(&(id, lane.queue[k].seq)) {
+                        if let Some(r) = lane.queue.remove(k) {
+                            lane.retry.push_back(r);
+                        }
+                    } else {
+                        k += 1;
+                    }
+                }
+                if let Some(r) = lane.retry.pop_front() {
+                    let mut one = std::collections::VecDeque::from([r]);
+                    if let Some(unit) = self.packer.pack(&lane.name, &mut one, true)? {
+                        return Ok(Some((i, unit)));
+                    }
+                }
             }
             let no_linger = high || self.packer.linger().is_zero();
             let flush = lane.caught_up && (lane.linger_expired || no_linger);

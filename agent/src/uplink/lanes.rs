@@ -42,6 +42,9 @@ pub struct Lane {
     pub drain: Drain,
     /// Read, not yet packed (in read order).
     pub queue: VecDeque<StoredRecord>,
+    /// Refused by the broker in a publish of several, or too large for it in one:
+    /// sent again one per publish, before the queue, to find which one it refuses.
+    pub retry: VecDeque<StoredRecord>,
     /// Nothing more to read until something is committed.
     pub caught_up: bool,
     /// When a partial batch must go anyway (set once the lane is caught up).
@@ -76,6 +79,7 @@ impl Lane {
             priority,
             drain,
             queue: VecDeque::new(),
+            retry: VecDeque::new(),
             caught_up: false,
             linger_deadline: None,
             linger_expired: false,
@@ -95,6 +99,7 @@ impl Lane {
         self.dropped = Dropped::default();
         self.dropped_since = None;
         self.queue.clear();
+        self.retry.clear();
         self.caught_up = false;
         self.linger_deadline = None;
         self.linger_expired = false;

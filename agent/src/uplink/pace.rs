@@ -264,6 +264,10 @@ impl Adapter {
         &self.controller
     }
 
+    pub fn controller_mut(&mut self) -> &mut Controller {
+        &mut self.controller
+    }
+
     pub fn tick(&mut self, link: LinkQuality, stats: &StoreStats) -> Plan {
         let now = Instant::now();
         let appended: u64 = stats.streams.iter().map(|s| s.state.next_seq).sum();

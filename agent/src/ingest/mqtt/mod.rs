@@ -151,13 +151,23 @@ impl LocalMqtt {
             };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
                 shared.count(Stat::RefusedConnections);
+                crate::telemetry::metrics()
+                    .rejected
+                    .get_or_create(&crate::telemetry::labels(&[
+                        ("source", "mqtt"),
+                        ("reason", "max_connections"),
+                    ]))
+                    .inc();
                 tracing::warn!(%peer, max = shared.cfg.max_connections.get(), "MQTT connection refused: max_connections reached");
                 continue;
             };
             shared.count(Stat::Connections);
             let (s, c) = (shared.clone(), cancel.clone());
+            let connected = &crate::telemetry::metrics().local_connections;
+            connected.inc();
             tracker.spawn(async move {
                 session::serve(s, stream, peer, c).await;
+                crate::telemetry::metrics().local_connections.dec();
                 drop(permit);
             });
         }

@@ -10,12 +10,11 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use rumqttc::mqttbytes::v4::Packet;
 
 use super::{gap_notice, upstream_topic, Forwarder, Progress, Seqs, UplinkError, GAP_BATCH};
 use crate::link::LinkEvent;
 use crate::uplink::conn::{Conn, InFlight, PubackTally};
-use crate::uplink::session::{Session, SessionError};
+use crate::uplink::session::{Incoming, Session, SessionError};
 
 impl Forwarder {
     /// Publish notices of the gaps the store holds (at most `GAP_BATCH`) on `c`.
@@ -27,6 +26,9 @@ impl Forwarder {
         let gaps = self.store.gaps(GAP_BATCH).await?;
         let names = self.store.stats();
         for g in gaps {
+            if self.refused_gaps.contains(&(g.stream, g.first)) {
+                continue;
+            }
             let stream = names
                 .streams
                 .iter()
@@ -43,6 +45,10 @@ impl Forwarder {
             );
             let topic = upstream_topic(&self.cfg.topic_prefix, "gap");
             c.publish(topic, Bytes::from(body), false, InFlight::Gap(g))?;
+            crate::telemetry::metrics()
+                .gap_notices
+                .get_or_create(&crate::telemetry::labels(&[("reason", g.reason.as_str())]))
+                .inc();
             progress.gaps_reporting += 1;
         }
         Ok(())
@@ -52,32 +58,60 @@ impl Forwarder {
     pub(super) async fn on_packet(
         &mut self,
         c: &mut Conn,
-        packet: Option<Result<Packet, rumqttc::mqttbytes::Error>>,
+        packet: Option<Result<Incoming, SessionError>>,
         progress: &mut Progress,
     ) -> Result<(), UplinkError> {
         c.last_rx = Instant::now();
-        let ack = match packet {
-            Some(Ok(Packet::PubAck(ack))) => ack,
-            Some(Ok(Packet::PingResp)) => {
+        let (pkid, refused) = match packet {
+            Some(Ok(Incoming::PubAck { pkid, refused })) => (pkid, refused),
+            Some(Ok(Incoming::PingResp)) => {
                 progress.productive = true;
                 return Ok(());
             }
-            Some(Ok(other)) => {
-                tracing::debug!(packet = ?other, "ignoring packet from broker");
+            Some(Ok(Incoming::Disconnect(why))) => {
+                return Err(SessionError::Disconnected(why).into())
+            }
+            Some(Ok(Incoming::Other(other))) => {
+                tracing::debug!(packet = %other, "ignoring packet from broker");
                 return Ok(());
             }
-            Some(Err(e)) => return Err(SessionError::from(e).into()),
+            Some(Err(e)) => return Err(e.into()),
             None => return Err(SessionError::Closed.into()),
         };
-        let Some(p) = c.acked(ack.pkid) else {
-            tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id ignored");
+        let Some(p) = c.acked(pkid) else {
+            tracing::debug!(pkid, "PUBACK for an unknown packet id ignored");
             return Ok(());
         };
+        if let Some(r) = refused {
+            // The broker answered: the link works, whatever it thinks of the publish.
+            progress.productive = true;
+            return self.refused(p.what, p.bytes, r).await;
+        }
         progress.pubacks.count += 1;
         progress.pubacks.rtt_sum += p.queued.elapsed();
         progress.pubacks.bytes += p.bytes;
+        crate::telemetry::metrics()
+            .puback_latency
+            .observe(p.queued.elapsed().as_secs_f64());
         match p.what {
-            InFlight::Records(lane, seqs) => {
+            InFlight::Records(lane, seqs, stored) => {
+                let records = match &seqs {
+                    Seqs::One(_) => 1,
+                    Seqs::Many(v) => v.len(),
+                };
+                self.count_upload(lane, records, stored, p.bytes);
+                if !self.attempts.is_empty() {
+                    if let Some(id) = self.lanes.get(lane).map(|l| l.id) {
+                        match &seqs {
+                            Seqs::One(s) => {
+                                self.attempts.remove(&(id, *s));
+                            }
+                            Seqs::Many(v) => v.iter().for_each(|s| {
+                                self.attempts.remove(&(id, *s));
+                            }),
+                        }
+                    }
+                }
                 self.pacer.acked(p.bytes);
                 if let Some((adapter, _)) = self.adapt.as_mut() {
                     adapter.acked(p.bytes);
@@ -112,9 +146,34 @@ impl Forwarder {
         Ok(())
     }
 
+    /// The broker acknowledged `records` records of `lane`, `stored` bytes as buffered,
+    /// `wire` as published.
+    fn count_upload(&self, lane: usize, records: usize, stored: usize, wire: usize) {
+        let m = crate::telemetry::metrics();
+        if let Some(l) = self.lanes.get(lane) {
+            m.uploaded_records
+                .get_or_create(&crate::telemetry::labels(&[("stream", &l.name)]))
+                .inc_by(records as u64);
+        }
+        for (kind, n) in [("stored", stored), ("wire", wire)] {
+            m.uploaded_bytes
+                .get_or_create(&crate::telemetry::labels(&[("kind", kind)]))
+                .inc_by(n as u64);
+        }
+        self.telemetry.update(|s| {
+            s.last_ack = Some(Instant::now());
+            s.uploaded_records += records as u64;
+            s.stored_bytes += stored as u64;
+            s.wire_bytes += wire as u64;
+        });
+    }
+
     /// Once a second: the controller's next plan from the link quality and the store.
     pub(super) fn replan(&mut self) {
         let Some((adapter, quality)) = self.adapt.as_mut() else {
+            // Fixed behaviour: the plan never changes, but operators still see it.
+            let plan = *self.pacer.plan();
+            self.telemetry.update(|s| s.plan = Some(plan));
             return;
         };
         let q = *quality.borrow();
@@ -123,6 +182,12 @@ impl Forwarder {
         self.pacer.set_plan(plan);
         self.packer.set_plan(&plan);
         let c = adapter.controller();
+        let (phase, bandwidth) = (c.phase(), c.bandwidth());
+        self.telemetry.update(|s| {
+            s.plan = Some(plan);
+            s.phase = phase;
+            s.bandwidth = bandwidth;
+        });
         tracing::debug!(
             phase = c.phase(),
             bandwidth = c.bandwidth() as u64,
