@@ -71,8 +71,8 @@ if $run_tests; then
   export EDGERELAY_BIN="$wrapper"
   # Integration tests that need no network namespaces (the link-lab ones need root
   # and veth pairs, and measure timing an emulated CPU would distort).
-  no_netns=(backpressure batch_mode cli client_mode crash dictionary gaps local_mqtt outage
-    priority_connection socket_ingest)
+  no_netns=(backpressure batch_mode cli client_mode crash dead_letters dictionary gaps local_mqtt
+    operations outage priority_connection socket_ingest)
   tests=()
   for t in "${no_netns[@]}"; do tests+=(--test "$t"); done
   # Two tests of kernel socket options, skipped by exact name: qemu-user passes
