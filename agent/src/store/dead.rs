@@ -10,10 +10,15 @@
 //! (they are on disk) but not in any stream's backlog; a dead letter keeps its stream
 //! and seq, so a purge's gap names exactly what never arrived.
 
+use std::collections::HashMap;
+
+use redb::{ReadableDatabase, ReadableTable};
+use tokio::sync::oneshot;
+
 use super::codec::{self, CorruptValue, GapValue};
 use super::retention;
 use super::state::State;
-use super::{GapReason, StreamId};
+use super::{call, schema, AppendError, GapReason, Request, Store, StoreError, StreamId};
 use crate::record::Record;
 
 const DEAD_VERSION: u8 = 1;
@@ -145,6 +150,94 @@ pub struct Burial {
     pub seq: u64,
     pub reason: String,
     pub attempts: u32,
+}
+
+/// The dead-letter operations, through the writer like every change.
+impl Store {
+    /// Move refused records to the dead letters (returns how many were still stored).
+    pub async fn bury(&self, burials: Vec<Burial>) -> Result<u64, AppendError> {
+        self.counted(|reply| Request::Bury { burials, reply }).await
+    }
+
+    /// Queue the dead letters `which` selects again, as new records at the end of
+    /// their streams (returns how many; stops early when the buffer is full).
+    pub async fn retry_dead_letters(&self, which: Which) -> Result<u64, AppendError> {
+        self.counted(|reply| Request::DeadRetry { which, reply })
+            .await
+    }
+
+    /// Delete the dead letters `which` selects, recording them as gaps (`purged`).
+    pub async fn purge_dead_letters(&self, which: Which) -> Result<u64, AppendError> {
+        self.counted(|reply| Request::DeadPurge { which, reply })
+            .await
+    }
+
+    /// The same, for callers outside the async runtime (the CLI without an agent).
+    pub fn retry_dead_letters_blocking(&self, which: Which) -> Result<u64, AppendError> {
+        let (req, rx) = call(|reply| Request::DeadRetry { which, reply });
+        self.tx
+            .blocking_send(req)
+            .map_err(|_| AppendError::Closed)?;
+        rx.blocking_recv().unwrap_or(Err(AppendError::Closed))
+    }
+
+    pub fn purge_dead_letters_blocking(&self, which: Which) -> Result<u64, AppendError> {
+        let (req, rx) = call(|reply| Request::DeadPurge { which, reply });
+        self.tx
+            .blocking_send(req)
+            .map_err(|_| AppendError::Closed)?;
+        rx.blocking_recv().unwrap_or(Err(AppendError::Closed))
+    }
+
+    async fn counted(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<u64, AppendError>>) -> Request,
+    ) -> Result<u64, AppendError> {
+        let (req, rx) = call(make);
+        self.tx.send(req).await.map_err(|_| AppendError::Closed)?;
+        rx.await.unwrap_or(Err(AppendError::Closed))
+    }
+
+    /// Up to `limit` dead letters, by stream and seq.
+    pub fn dead_letters_blocking(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let storage = |e: &dyn std::fmt::Display| StoreError::Storage {
+            path: (*self.path).clone(),
+            detail: e.to_string(),
+        };
+        let names: HashMap<u16, String> = self
+            .stats()
+            .streams
+            .iter()
+            .map(|s| (s.id.0, s.name.clone()))
+            .collect();
+        let txn = self.db.begin_read().map_err(|e| storage(&e))?;
+        let table = match txn.open_table(schema::DEAD_LETTERS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(&e)),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| storage(&e))?.take(limit) {
+            let (k, v) = row.map_err(|e| storage(&e))?;
+            let (stream, seq) = k.value();
+            let name = names
+                .get(&stream)
+                .cloned()
+                .unwrap_or_else(|| format!("#{stream}"));
+            match describe(name, seq, v.value()) {
+                Ok(d) => out.push(d),
+                Err(e) => tracing::warn!(stream, seq, error = %e, "unreadable dead letter skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.dead_letters_blocking(limit))
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
 }
 
 #[cfg(test)]

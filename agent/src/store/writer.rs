@@ -20,6 +20,8 @@ use super::schema::{DEAD_LETTERS, GAPS, META, RECORDS, STREAMS, STREAM_STATE};
 use super::state::{State, StreamEntry};
 use super::{AppendError, Refused, Request, StoreError, StoreOptions, StoreStats, StreamId};
 
+mod dead;
+
 /// At most this many records are evicted by age in one transaction, so a huge expired
 /// backlog does not make one commit (and every producer waiting on it) arbitrarily slow.
 const AGE_EVICT_CHUNK: usize = 10_000;
@@ -426,7 +428,7 @@ impl Writer {
                 Reply::Discard(reply, n)
             }
             Request::DeadPurge { which, reply } => {
-                let n = purge_dead(work, t, &which, fx)?;
+                let n = dead::purge_dead(work, t, &which, fx)?;
                 Reply::Discard(reply, n)
             }
             Request::PutMeta { key, value, reply } => {
@@ -484,60 +486,6 @@ impl Writer {
         fx.appended = true;
         fx.touched.push(stream.0);
         Ok(Ok(seq))
-    }
-
-    /// Move the records of `burials` still stored to the dead letters.
-    fn bury(
-        &mut self,
-        work: &mut State,
-        t: &mut Tables<'_>,
-        burials: Vec<super::dead::Burial>,
-        fx: &mut Effects,
-    ) -> Result<u64, redb::Error> {
-        let mut n = 0;
-        let now = crate::record::now_ms();
-        for b in burials {
-            let key = (b.stream.0, b.seq);
-            let Some(stored) = t.records.get(key)?.map(|v| v.value().to_vec()) else {
-                continue;
-            };
-            remove_record(work, t, b.stream.0, b.seq, fx)?;
-            let value = super::dead::encode(b.attempts, now, &b.reason, &stored);
-            t.dead.insert(key, value.as_slice())?;
-            super::dead::account(work, value.len(), true);
-            n += 1;
-        }
-        Ok(n)
-    }
-
-    /// Queue the dead letters `which` selects again as new records; stops at the first
-    /// the buffer refuses (it stays a dead letter).
-    fn retry_dead(
-        &mut self,
-        work: &mut State,
-        t: &mut Tables<'_>,
-        which: &super::dead::Which,
-        fx: &mut Effects,
-    ) -> Result<u64, redb::Error> {
-        let mut n = 0;
-        for ((stream, seq), value) in dead_rows(work, t, which)? {
-            let Ok(record) = super::dead::record_of(&value) else {
-                tracing::warn!(stream, seq, "unreadable dead letter left in place");
-                continue;
-            };
-            match self.append(work, t, StreamId(stream), &record, fx)? {
-                Ok(_) => {
-                    t.dead.remove((stream, seq))?;
-                    super::dead::account(work, value.len(), false);
-                    n += 1;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "retrying dead letters stopped: the buffer refused one");
-                    break;
-                }
-            }
-        }
-        Ok(n)
     }
 
     /// Delete the records of `seqs` still stored and record them as one gap.
@@ -759,53 +707,6 @@ fn remove_record(
     fx.freed = true;
     fx.touched.push(stream);
     Ok(true)
-}
-
-/// A dead-letter row: ((stream, seq), value).
-type DeadRow = ((u16, u64), Vec<u8>);
-
-/// The dead-letter rows `which` selects.
-fn dead_rows(
-    work: &State,
-    t: &Tables<'_>,
-    which: &super::dead::Which,
-) -> Result<Vec<DeadRow>, redb::Error> {
-    let mut rows = Vec::new();
-    for row in t.dead.iter()? {
-        let (k, v) = row?;
-        let (stream, seq) = k.value();
-        let name = work.streams.get(&stream).map_or("", |s| s.name.as_str());
-        if super::dead::selects(which, name, seq) {
-            rows.push(((stream, seq), v.value().to_vec()));
-        }
-    }
-    Ok(rows)
-}
-
-/// Delete the dead letters `which` selects, recording each run of them as a gap
-/// (`purged`): what is purged is reported upstream like any other loss.
-fn purge_dead(
-    work: &mut State,
-    t: &mut Tables<'_>,
-    which: &super::dead::Which,
-    fx: &mut Effects,
-) -> Result<u64, redb::Error> {
-    let rows = dead_rows(work, t, which)?;
-    let mut by_stream: std::collections::BTreeMap<u16, Vec<u64>> = Default::default();
-    for ((stream, seq), value) in &rows {
-        t.dead.remove((*stream, *seq))?;
-        super::dead::account(work, value.len(), false);
-        by_stream.entry(*stream).or_default().push(*seq);
-    }
-    for (stream, mut seqs) in by_stream {
-        seqs.sort_unstable();
-        for (first, gap) in super::dead::purge_gaps(&seqs) {
-            t.gaps.insert((stream, first), gap.encode().as_slice())?;
-        }
-        // The transaction must commit (and the uplink look for gaps).
-        fx.touched.push(stream);
-    }
-    Ok(rows.len() as u64)
 }
 
 struct Tables<'txn> {

@@ -98,14 +98,6 @@ pub struct Forwarder {
     live: Option<Live>,
 }
 
-/// Settings a reload changes in a running uplink (`config::reload`).
-#[derive(Debug)]
-pub struct Live {
-    pub policies: watch::Receiver<Arc<Policies>>,
-    /// `[rate] max_rate`, bytes/s.
-    pub max_rate: watch::Receiver<Option<u64>>,
-}
-
 /// Gap notices published at once, at most.
 const GAP_BATCH: usize = 16;
 
@@ -125,6 +117,9 @@ pub fn gap_notice(gateway: &str, epoch: u64, stream: &str, g: &Gap) -> String {
 
 mod broker;
 mod refusal;
+mod reload;
+
+pub use reload::Live;
 
 /// How a session ended.
 enum End {
@@ -230,30 +225,6 @@ impl Forwarder {
     pub fn with_live(mut self, live: Live) -> Self {
         self.live = Some(live);
         self
-    }
-
-    /// Once a second: what a reload changed, put in force.
-    fn apply_reload(&mut self) {
-        let Some(live) = self.live.as_mut() else {
-            return;
-        };
-        if live.policies.has_changed().unwrap_or(false) {
-            let p = live.policies.borrow_and_update().clone();
-            for lane in &mut self.lanes {
-                if let Some(s) = p.streams().iter().find(|s| s.name == lane.name) {
-                    lane.priority = s.priority;
-                }
-            }
-            self.policies = p;
-            tracing::info!("policies reloaded");
-        }
-        if live.max_rate.has_changed().unwrap_or(false) {
-            let cap = *live.max_rate.borrow_and_update();
-            if let Some((adapter, _)) = self.adapt.as_mut() {
-                adapter.controller_mut().set_max_rate(cap);
-            }
-            tracing::info!(max_rate = ?cap, "rate cap reloaded (bytes/s)");
-        }
     }
 
     /// Publish the uplink's state for the operator's endpoint to `shared`.
