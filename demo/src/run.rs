@@ -146,24 +146,22 @@ async fn status(addr: SocketAddr) -> Option<Status> {
     }
 }
 
-/// Draws the live view: redrawn in place on a terminal, a line per second otherwise.
+/// Draws the live view: on a terminal the screen is cleared and the frame drawn from
+/// the top (robust to lines a narrow terminal wraps), under a fixed header; otherwise
+/// a line per second, for logs and tests.
 struct Screen {
     tty: bool,
-    drawn: usize,
+    header: Vec<String>,
 }
 
 impl Screen {
     fn draw(&mut self, lines: &[String]) {
         let mut out = std::io::stdout().lock();
         if self.tty {
-            if self.drawn > 0 {
-                // Up to the first line of the last frame, and clear below.
-                let _ = write!(out, "\x1b[{}A\x1b[J", self.drawn);
-            }
-            for l in lines {
+            let _ = write!(out, "\x1b[H\x1b[2J");
+            for l in self.header.iter().chain(lines) {
                 let _ = writeln!(out, "{l}");
             }
-            self.drawn = lines.len();
         } else {
             let _ = writeln!(out, "{}", lines.join(" | "));
         }
@@ -214,16 +212,19 @@ pub async fn run(opts: Options) -> Result<Summary, DemoError> {
             }))
         }
     };
-    println!(
-        "edgerelay demo: the agent's config is {}; its log and the broker's are in {}",
-        config_path.display(),
-        log.display()
-    );
-    println!(
-        "link schedule over {}: {}\n",
-        humantime::format_duration(opts.duration),
-        phases.join(" → ")
-    );
+    let header = vec![
+        format!("agent config: {}", config_path.display()),
+        format!("logs (agent, broker, unpack): {}", log.display()),
+        format!(
+            "link schedule over {}: {}",
+            humantime::format_duration(opts.duration),
+            phases.join(" → ")
+        ),
+        String::new(),
+    ];
+    for l in &header {
+        println!("{l}");
+    }
 
     let fleet = Fleet::start(
         &Targets {
@@ -239,7 +240,7 @@ pub async fn run(opts: Options) -> Result<Summary, DemoError> {
     );
     let mut screen = Screen {
         tty: std::io::stdout().is_terminal(),
-        drawn: 0,
+        header,
     };
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -50,19 +50,23 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// What arrived against what crossed the link for it.
+/// What arrived against what crossed the link for it, in full (the summary).
 fn bytes_line(head: &str, payload: u64, publish: u64, over: u64) -> String {
-    let ratio = if over > 0 && publish > 0 {
+    format!(
+        "{head} delivered {} of payload, {} as one MQTT publish each; over the link {} (both ways){}",
+        bytes(payload),
+        bytes(publish),
+        bytes(over),
+        ratio(publish, over)
+    )
+}
+
+fn ratio(publish: u64, over: u64) -> String {
+    if over > 0 && publish > 0 {
         format!(": {:.1}x fewer", publish as f64 / over as f64)
     } else {
         String::new()
-    };
-    format!(
-        "{head} delivered {} of payload, {} as one MQTT publish each; over the link {} (both ways){ratio}",
-        bytes(payload),
-        bytes(publish),
-        bytes(over)
-    )
+    }
 }
 
 fn bar(done: f64, width: usize) -> String {
@@ -153,11 +157,12 @@ pub fn render(s: &Snapshot) -> Vec<String> {
             ));
         }
     }
-    out.push(bytes_line(
-        "bytes    ",
-        s.payload_bytes,
-        s.publish_bytes,
-        s.link_up_bytes + s.link_down_bytes,
+    let over = s.link_up_bytes + s.link_down_bytes;
+    out.push(format!(
+        "bytes     {} as one publish per message; {} over the link{}",
+        bytes(s.publish_bytes),
+        bytes(over),
+        ratio(s.publish_bytes, over)
     ));
     out.push(format!(
         "central   {:>8} messages arrived (unpack, duplicates removed)",
@@ -415,7 +420,7 @@ mod tests {
         );
         assert!(text.contains("rate 12.0 kB/s"), "{text}");
         assert!(
-            text.contains("delivered 800.0 kB of payload, 1.0 MB as one MQTT publish each; over the link 100.0 kB (both ways): 10.0x fewer"),
+            text.contains("1.0 MB as one publish per message; 100.0 kB over the link: 10.0x fewer"),
             "{text}"
         );
     }
