@@ -84,7 +84,7 @@ fn metrics_health_and_status_of_a_running_agent() {
     assert!(value(&samples, "edgerelay_puback_latency_seconds_count").unwrap_or(0.0) >= 2.0);
     assert!(value(&samples, "edgerelay_link_up").is_some());
     assert!(value(&samples, "edgerelay_buffer_budget_bytes").unwrap_or(0.0) > 0.0);
-    assert!(value(&samples, "edgerelay_uplink_rate_bytes").unwrap_or(0.0) > 0.0);
+    assert!(value(&samples, "edgerelay_uplink_rate_bytes_per_second").unwrap_or(0.0) > 0.0);
     let sources: f64 = ["ebpf", "tcp-info", "none"]
         .iter()
         .filter_map(|s| {
@@ -129,18 +129,22 @@ fn metrics_health_and_status_of_a_running_agent() {
     ] {
         assert!(text.contains(want), "{want:?} in\n{text}");
     }
-    let out = Command::new(agent_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&agent.config_path)
-        .output()
-        .expect("edgerelay status --json");
-    assert!(out.status.success());
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    // The status is a snapshot taken once a second (the counters in /metrics are
+    // live): the uploads show in it by the next one.
+    let st = wait_until("the uploads in status --json", SOON, || {
+        let out = Command::new(agent_bin())
+            .args(["status", "--json", "--config"])
+            .arg(&agent.config_path)
+            .output()
+            .expect("edgerelay status --json");
+        assert!(out.status.success());
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+        (st["uplink"]["uploaded_records"].as_u64().unwrap_or(0) >= 20).then_some(st)
+    });
     let streams = st["streams"].as_array().expect("streams");
     assert!(streams
         .iter()
         .any(|s| s["name"] == "high" && s["priority"] == "high"));
-    assert!(st["uplink"]["uploaded_records"].as_u64().unwrap_or(0) >= 20);
 
     // Not running: status says so, and fails.
     drop(agent);
@@ -297,7 +301,7 @@ fn sighup_applies_what_can_change_live_and_names_what_needs_a_restart() {
     // The controller plans at most the cap: 1 Mbit/s = 125,000 bytes/s.
     wait_until("a plan under the first cap", SOON, || {
         let s = prometheus_samples(&http(addr, "GET", "/metrics", "").1);
-        value(&s, "edgerelay_uplink_rate_bytes").filter(|r| *r > 0.0 && *r <= 125_000.0)
+        value(&s, "edgerelay_uplink_rate_bytes_per_second").filter(|r| *r > 0.0 && *r <= 125_000.0)
     });
     agent.wait_for_log("uplink plan", SOON);
 
@@ -328,7 +332,7 @@ fn sighup_applies_what_can_change_live_and_names_what_needs_a_restart() {
     // The new cap (256 kbit/s = 32,000 bytes/s) within a tick or two.
     wait_until("a plan under the new cap", SOON, || {
         let s = prometheus_samples(&http(addr, "GET", "/metrics", "").1);
-        value(&s, "edgerelay_uplink_rate_bytes").filter(|r| *r > 0.0 && *r <= 32_000.0)
+        value(&s, "edgerelay_uplink_rate_bytes_per_second").filter(|r| *r > 0.0 && *r <= 32_000.0)
     });
     // The uplink's debug lines (one plan a second) stop at the new level.
     let plans = || {
