@@ -24,8 +24,9 @@ slow_log=$(mktemp)
 (cd tests && exec "$slow_bin" --nocapture) >"$slow_log" 2>&1 &
 slow=$!
 status=0
-# The rest of the suite is built while the outage test waits on its outage.
-cargo test --workspace --no-run || status=$?
+# The rest of the suite is built while the outage test waits on its outage, at the
+# lowest CPU priority so the agent, its fleet and the emulated link come first.
+nice -n 19 cargo test --workspace --no-run || status=$?
 [ "$status" -ne 0 ] || cargo test --workspace "$@" || status=$?
 slow_status=0
 wait "$slow" || slow_status=$?
