@@ -5,8 +5,8 @@
 #   scripts/deps.sh [extra-package ...]
 set -euo pipefail
 
-packages=(mosquitto mosquitto-clients iproute2 ethtool util-linux procps ca-certificates pkg-config gcc binutils python3 python3-paho-mqtt
-  adduser systemd "$@")  # adduser, systemd (systemd-analyze), binutils: the .deb test
+packages=(mosquitto mosquitto-clients iproute2 ethtool util-linux procps ca-certificates pkg-config gcc binutils python3 python3-paho-mqtt openssl
+  adduser systemd "$@")  # adduser, systemd (systemd-analyze), binutils: the .deb test; openssl: the TLS tests' CA
 # A machine without a Rust toolchain gets Debian's own (rustc-web, >= 1.85).
 command -v cargo >/dev/null 2>&1 || packages+=(rustc-web cargo-web)
 

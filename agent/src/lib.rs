@@ -17,6 +17,7 @@ pub mod policy;
 pub mod record;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod topic;
 pub mod uplink;
 pub mod wire;

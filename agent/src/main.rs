@@ -26,6 +26,11 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// If the buffer file is corrupt, move it aside (to buffer.redb.corrupt-TIME),
+        /// start with an empty one and report the loss upstream (a `buffer_lost` gap
+        /// notice). Without it, a corrupt file stops the agent with an error.
+        #[arg(long)]
+        repair: bool,
     },
     /// Show the running agent: backlog per stream with drain progress, link quality,
     /// the uplink's rate and state, dead letters (asks its [metrics] endpoint).
@@ -202,12 +207,22 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config: path } => {
+        Command::Run {
+            config: path,
+            repair,
+        } => {
             let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => return config_failure(e),
             };
             let filter = init_logging(&config.log);
+            if repair {
+                if let Err(e) = repair_buffer(&config) {
+                    tracing::error!("{e:#}");
+                    eprintln!("edgerelay: {e:#}");
+                    return ExitCode::from(1);
+                }
+            }
             match run(config, path, filter) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -218,6 +233,23 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `run --repair`, before the agent starts.
+fn repair_buffer(config: &Config) -> anyhow::Result<()> {
+    let opts = edgerelay::store_options(config);
+    match edgerelay::store::Store::repair(&opts).context("--repair")? {
+        edgerelay::store::Repair::Healthy => {
+            tracing::info!(path = %opts.path.display(), "--repair: the buffer file opens; nothing to repair")
+        }
+        edgerelay::store::Repair::Replaced { moved_to, detail } => tracing::error!(
+            path = %opts.path.display(),
+            moved_to = %moved_to.display(),
+            problem = %detail,
+            "--repair: the buffer file was unreadable; moved aside, started empty, the loss is reported upstream as a buffer_lost gap"
+        ),
+    }
+    Ok(())
 }
 
 fn unpack(

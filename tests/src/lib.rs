@@ -347,19 +347,36 @@ impl Agent {
         a
     }
 
-    fn spawn_cmd(mut cmd: Command, dir: &Path, config: &str, env: &[(&str, &str)]) -> Self {
+    fn spawn_cmd(cmd: Command, dir: &Path, config: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn_full(cmd, dir, config, env, &[])
+    }
+
+    /// Start `run --config … ARGS` (e.g. `--repair`) without waiting for readiness.
+    pub fn spawn_args(dir: &Path, config: &str, args: &[&str]) -> Self {
+        Self::spawn_full(Command::new(agent_bin()), dir, config, &[], args)
+    }
+
+    fn spawn_full(
+        mut cmd: Command,
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Self {
         let config_path = dir.join("edgerelay.toml");
         std::fs::write(&config_path, config).expect("write config");
         let mut child = cmd
-            .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
             .arg(&config_path)
+            .args(args)
             .env(
                 "EDGERELAY_LOG",
                 std::env::var("EDGERELAY_TEST_LOG")
                     .unwrap_or_else(|_| "info,edgerelay=debug".into()),
             )
+            // After the default, so a test may set EDGERELAY_LOG itself.
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -205,6 +205,7 @@ impl Republisher {
                 batch_linger: Duration::ZERO,
                 username: None,
                 password: None,
+                tls: None,
                 keep_alive: Duration::from_secs(30),
                 inflight: std::num::NonZeroU16::MIN,
                 priority_connection: false,
@@ -248,6 +249,7 @@ impl Republisher {
                     .write_all_buf(&mut s.out)
                     .await
                     .map_err(|e| e.to_string())?;
+                s.writer.flush().await.map_err(|e| e.to_string())?;
                 while !waiting.is_empty() {
                     match tokio::time::timeout(Duration::from_secs(30), s.reader.next()).await {
                         Ok(Some(Ok(crate::uplink::session::Incoming::PubAck { pkid, refused }))) => {

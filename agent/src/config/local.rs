@@ -84,6 +84,7 @@ pub(super) fn validate_local_mqtt(
         Duration::from_millis(100),
         Duration::from_secs(300),
     );
+    let tls = super::tls::listener(ctx, &raw, path);
     Some(LocalMqttConfig {
         listen: listen?,
         max_connections: NonZeroUsize::new(max_connections as usize).unwrap_or(NonZeroUsize::MIN),
@@ -93,6 +94,7 @@ pub(super) fn validate_local_mqtt(
         password_file,
         allow_anonymous,
         connect_timeout,
+        tls,
     })
 }
 

@@ -13,6 +13,7 @@ mod raw;
 pub mod reload;
 mod render;
 mod sections;
+mod tls;
 mod validate;
 
 use std::fmt;
@@ -20,6 +21,8 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub use tls::{ListenerTls, UpstreamTls};
 
 pub use crate::store::WhenFull;
 
@@ -139,6 +142,8 @@ pub struct LocalMqttConfig {
     pub allow_anonymous: bool,
     /// Time allowed between TCP accept and CONNECT.
     pub connect_timeout: Duration,
+    /// TLS on the listener (cert_file + key_file); None: plain TCP.
+    pub tls: Option<ListenerTls>,
 }
 
 /// Client mode: subscribe to a broker already running on the gateway.
@@ -249,6 +254,8 @@ pub struct UpstreamConfig {
     pub batch_linger: Duration,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// `mqtts://`: TLS, with the server verified (see crate::tls).
+    pub tls: Option<UpstreamTls>,
     pub keep_alive: Duration,
     pub inflight: NonZeroU16,
     /// The MQTT version of the upstream sessions.

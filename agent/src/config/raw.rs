@@ -58,6 +58,9 @@ pub struct RawUpstream {
     pub username: Field<String>,
     pub password: Field<String>,
     pub password_file: Field<String>,
+    pub ca_file: Field<String>,
+    pub cert_file: Field<String>,
+    pub key_file: Field<String>,
     pub keep_alive: Field<String>,
     pub inflight: Field<i64>,
     pub priority_connection: Field<bool>,
@@ -80,6 +83,8 @@ pub struct RawLocalMqtt {
     pub password_file: Field<String>,
     pub allow_anonymous: Field<bool>,
     pub connect_timeout: Field<String>,
+    pub cert_file: Field<String>,
+    pub key_file: Field<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -118,6 +118,16 @@ pub fn render(c: &Config) -> String {
         }
         t.insert("allow_anonymous".into(), Value::Boolean(m.allow_anonymous));
         t.insert("connect_timeout".into(), dur(m.connect_timeout));
+        if let Some(tls) = &m.tls {
+            t.insert(
+                "cert_file".into(),
+                s(tls.files.cert_file.display().to_string()),
+            );
+            t.insert(
+                "key_file".into(),
+                s(tls.files.key_file.display().to_string()),
+            );
+        }
         root.insert("local_mqtt".into(), Value::Table(t));
     }
 
@@ -219,6 +229,17 @@ pub fn render(c: &Config) -> String {
     }
     if u.password.is_some() {
         up.insert("password".into(), s("***"));
+    }
+    if let Some(tls) = &u.tls {
+        for (key, file) in [
+            ("ca_file", &tls.files.ca_file),
+            ("cert_file", &tls.files.cert_file),
+            ("key_file", &tls.files.key_file),
+        ] {
+            if let Some(f) = file {
+                up.insert(key.into(), s(f.display().to_string()));
+            }
+        }
     }
     up.insert("keep_alive".into(), dur(u.keep_alive));
     up.insert(

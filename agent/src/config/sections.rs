@@ -243,8 +243,17 @@ pub(super) fn validate_upstream(
     raw: RawUpstream,
     span: Option<Range<usize>>,
     agent: Option<&AgentConfig>,
+    path: &Path,
 ) -> Option<UpstreamConfig> {
-    let (url, endpoint) = ctx.mqtt_url("upstream.url", &raw.url, span.clone()).unzip();
+    let (url, endpoint) = ctx
+        .url_with(
+            "upstream.url",
+            &raw.url,
+            span.clone(),
+            super::validate::parse_any_url,
+        )
+        .unzip();
+    let tls = super::tls::upstream(ctx, &raw, endpoint.as_ref().is_some_and(|e| e.2), path);
     let gateway = agent.map(|a| a.gateway_id.as_str()).unwrap_or("gateway");
     let client_id = raw.client_id.as_ref().map_or_else(
         || format!("edgerelay-{gateway}"),
@@ -352,7 +361,7 @@ pub(super) fn validate_upstream(
         let s = raw.reconnect_min.as_ref().map(|s| s.span());
         ctx.err("upstream.reconnect_min", s, "must not exceed reconnect_max");
     }
-    let (host, port) = endpoint?;
+    let (host, port, _) = endpoint?;
     Some(UpstreamConfig {
         host,
         port,
@@ -364,6 +373,7 @@ pub(super) fn validate_upstream(
         batch_linger,
         username,
         password,
+        tls,
         keep_alive,
         inflight: NonZeroU16::new(inflight as u16).unwrap_or(NonZeroU16::MIN),
         priority_connection: raw

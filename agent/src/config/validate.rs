@@ -237,8 +237,19 @@ impl Ctx<'_> {
         f: &Field<String>,
         section_span: Option<Range<usize>>,
     ) -> Option<(String, (String, u16))> {
+        self.url_with(key, f, section_span, parse_url)
+    }
+
+    /// A required `mqtt://` or `mqtts://` URL: (the URL, (host, port, TLS)).
+    pub(super) fn url_with<T>(
+        &mut self,
+        key: &str,
+        f: &Field<String>,
+        section_span: Option<Range<usize>>,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Option<(String, T)> {
         let url = self.required(key, f, section_span)?;
-        match parse_url(&url) {
+        match parse(&url) {
             Ok(hp) => Some((url, hp)),
             Err(m) => {
                 self.err(key, f.as_ref().map(|s| s.span()), m);
@@ -392,6 +403,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
             raw,
             spans.get("upstream").cloned(),
             agent.as_ref(),
+            path,
         ),
         None => {
             if !spans.contains_key("upstream") {
@@ -447,20 +459,29 @@ pub(super) fn resolve(path: &Path, config_path: &Path) -> PathBuf {
     config_path.parent().unwrap_or(Path::new(".")).join(path)
 }
 
+/// A plain `mqtt://` URL (where TLS is not offered): host and port.
 pub(super) fn parse_url(url: &str) -> Result<(String, u16), String> {
+    match parse_any_url(url)? {
+        (host, port, false) => Ok((host, port)),
+        (_, _, true) => Err("TLS (mqtts://) is supported for [upstream] only; use mqtt://".into()),
+    }
+}
+
+/// An `mqtt://` or `mqtts://` URL: host, port (default 1883 or 8883), and whether it
+/// is TLS.
+pub(super) fn parse_any_url(url: &str) -> Result<(String, u16, bool), String> {
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| format!("{url:?} is not a URL like \"mqtt://broker.example:1883\""))?;
-    match scheme {
-        "mqtt" | "tcp" => {}
-        "mqtts" | "ssl" => {
-            return Err(
-                "TLS upstreams (mqtts://) are not supported by this version of edgerelay yet"
-                    .into(),
-            )
+    let tls = match scheme {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        other => {
+            return Err(format!(
+                "scheme {other:?} is not supported; use mqtt:// or mqtts://"
+            ))
         }
-        other => return Err(format!("scheme {other:?} is not supported; use mqtt://")),
-    }
+    };
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.contains('@') {
         return Err(
@@ -486,6 +507,7 @@ pub(super) fn parse_url(url: &str) -> Result<(String, u16), String> {
         return Err(format!("{url:?} has no host"));
     }
     let port = match port {
+        None if tls => 8883,
         None => 1883,
         Some(p) => p
             .parse::<u16>()
@@ -493,5 +515,5 @@ pub(super) fn parse_url(url: &str) -> Result<(String, u16), String> {
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("{p:?} is not a port number"))?,
     };
-    Ok((host, port))
+    Ok((host, port, tls))
 }

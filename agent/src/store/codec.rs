@@ -166,6 +166,9 @@ pub enum GapReason {
     Conflated = 4,
     /// Refused by the broker, kept as a dead letter, and purged by an operator.
     Purged = 5,
+    /// The whole buffer file was unreadable and `run --repair` moved it aside: what it
+    /// held unsent is lost (stream "*": every stream of the previous epoch).
+    BufferLost = 6,
 }
 
 impl GapReason {
@@ -176,6 +179,7 @@ impl GapReason {
             3 => Some(Self::Sampled),
             4 => Some(Self::Conflated),
             5 => Some(Self::Purged),
+            6 => Some(Self::BufferLost),
             _ => None,
         }
     }
@@ -186,6 +190,7 @@ impl GapReason {
             Self::Sampled => "sampled",
             Self::Conflated => "conflated",
             Self::Purged => "purged",
+            Self::BufferLost => "buffer_lost",
         }
     }
 }

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use codec::{GapReason, StreamState};
 pub use retention::{Budget, WhenFull, DATA_FRACTION_PERCENT};
+pub use schema::{Repair, LOST_STREAM};
 
 use crate::record::{Record, StoredRecord};
 
@@ -100,9 +101,9 @@ impl StoreOptions {
 pub enum StoreError {
     #[error("buffer file {path} is in use by another edgerelay process (only one agent may use a data_dir)")]
     Locked { path: PathBuf },
-    #[error("buffer file {path} is corrupt or not a redb database: {detail}; move it aside to start with an empty buffer (its unsent data will be lost)")]
+    #[error("buffer file {path} is corrupt or not a redb database: {detail}; `edgerelay run --repair` moves it aside and starts with an empty buffer (its unsent data is lost, and reported upstream as lost)")]
     Corrupt { path: PathBuf, detail: String },
-    #[error("{path} is not an edgerelay buffer file ({detail}); refusing to use it")]
+    #[error("{path} is not an edgerelay buffer file ({detail}); refusing to use it (check [agent] data_dir; `edgerelay run --repair` moves it aside and starts an empty buffer)")]
     Foreign { path: PathBuf, detail: String },
     #[error("cannot open buffer file {path}: {source}")]
     Io {
@@ -337,6 +338,12 @@ impl PendingAppend {
 }
 
 impl Store {
+    /// `run --repair`: if the buffer file is corrupt or not an edgerelay buffer, move
+    /// it aside and start an empty one that reports the loss upstream (schema::repair).
+    pub fn repair(opts: &StoreOptions) -> Result<Repair, StoreError> {
+        schema::repair(&opts.path, opts.cache_size)
+    }
+
     /// Open (or create) the buffer file and start the writer thread.
     pub fn open(opts: StoreOptions) -> Result<(Store, StoreThread), StoreError> {
         if let Some(dir) = opts.path.parent() {

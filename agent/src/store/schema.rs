@@ -3,12 +3,16 @@
 //! Invariants: an existing file is only ever opened, never re-created, so a corrupt or
 //! foreign file is an error that names the path rather than an empty buffer silently
 //! replacing acknowledged data; a new file gets its format marker and a random epoch in
-//! the same transaction that creates its tables.
+//! the same transaction that creates its tables. Only `repair`, asked for by an
+//! operator (`run --repair`), replaces a file, and it never deletes one: the old file is
+//! renamed beside it and the loss is recorded in the new file as a gap notice, which
+//! the uplink reports upstream like any other.
 
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 
+use super::codec::{GapReason, GapValue, StreamState};
 use super::StoreError;
 
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -127,4 +131,76 @@ fn read_meta(db: &Database, path: &Path) -> Result<u64, StoreError> {
         .try_into()
         .map_err(|_| foreign("epoch is not 8 bytes"))?;
     Ok(u64::from_le_bytes(bytes))
+}
+
+/// What `repair` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Repair {
+    /// The file opened (or did not exist): nothing to do.
+    Healthy,
+    /// The file was unreadable: renamed to `moved_to`, replaced by an empty one holding
+    /// a `buffer_lost` gap notice.
+    Replaced { moved_to: PathBuf, detail: String },
+}
+
+/// The stream name of the `buffer_lost` notice: all streams of the lost file.
+pub const LOST_STREAM: &str = "*";
+
+/// Open `path`; if it is corrupt or not an edgerelay buffer, move it aside (to
+/// `{path}.corrupt-{unix seconds}`), create a fresh one, and record the loss in it.
+/// A locked file or an I/O error (permissions, a missing directory) is returned as is:
+/// moving the file would not mend those.
+pub fn repair(path: &Path, cache_size: usize) -> Result<Repair, StoreError> {
+    if !path.exists() {
+        return Ok(Repair::Healthy);
+    }
+    let detail = match open(path, cache_size) {
+        Ok(_) => return Ok(Repair::Healthy),
+        Err(e @ (StoreError::Corrupt { .. } | StoreError::Foreign { .. })) => e.to_string(),
+        Err(e) => return Err(e),
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut moved_to = PathBuf::from(format!("{}.corrupt-{secs}", path.display()));
+    let mut n = 1;
+    while moved_to.exists() {
+        moved_to = PathBuf::from(format!("{}.corrupt-{secs}-{n}", path.display()));
+        n += 1;
+    }
+    let io = |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::rename(path, &moved_to).map_err(io)?;
+    let opened = open(path, cache_size)?;
+    record_loss(&opened.db).map_err(|e| StoreError::Storage {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    Ok(Repair::Replaced { moved_to, detail })
+}
+
+/// A `buffer_lost` gap on stream "*" (id 0 of the fresh file), committed at once.
+fn record_loss(db: &Database) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let id = 0u16;
+        txn.open_table(STREAMS)?.insert(LOST_STREAM, id)?;
+        let state = StreamState {
+            next_seq: 1,
+            ..StreamState::default()
+        };
+        txn.open_table(STREAM_STATE)?
+            .insert(id, state.encode().as_slice())?;
+        let gap = GapValue {
+            last: 0,
+            count: 0,
+            reason: GapReason::BufferLost,
+        };
+        txn.open_table(GAPS)?
+            .insert((id, 0), gap.encode().as_slice())?;
+    }
+    txn.commit()?;
+    Ok(())
 }

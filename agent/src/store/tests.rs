@@ -309,6 +309,84 @@ fn garbage_file_is_corrupt_not_replaced() {
     );
 }
 
+/// A buffer with a few records, then damaged by `damage`: every way must give a clear
+/// error that names the file and says what to do, and `repair` must move it aside and
+/// start an empty buffer holding the `buffer_lost` notice.
+fn damaged_file_is_refused_then_repaired(damage: impl Fn(&std::path::Path)) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = small_options(dir.path());
+    {
+        let (store, thread) = Store::open(opts.clone()).expect("open");
+        let s = store.stream_blocking("a").expect("stream");
+        for i in 0..50 {
+            store
+                .submit_blocking(s, record("t", 500, i, 7))
+                .expect("append");
+        }
+        drop(store);
+        thread.close();
+    }
+    damage(&opts.path);
+    let damaged = std::fs::read(&opts.path).expect("read");
+    let err = Store::open(opts.clone()).expect_err("a damaged file must not open");
+    assert!(
+        matches!(err, StoreError::Corrupt { .. } | StoreError::Foreign { .. }),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("buffer.redb") && text.contains("--repair"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(&opts.path).expect("read"), damaged, "touched");
+
+    let Repair::Replaced { moved_to, .. } = Store::repair(&opts).expect("repair") else {
+        panic!("repair did nothing");
+    };
+    assert_eq!(
+        std::fs::read(&moved_to).expect("moved"),
+        damaged,
+        "moved, not kept whole"
+    );
+    let (store, thread) = Store::open(opts.clone()).expect("open the fresh file");
+    let gaps = store.gaps_blocking(10).expect("gaps");
+    let lost = store.stream_blocking(LOST_STREAM).expect("stream *");
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0].stream, lost);
+    assert_eq!(gaps[0].reason, GapReason::BufferLost);
+    drop(store);
+    thread.close();
+    assert_eq!(Store::repair(&opts).expect("repair"), Repair::Healthy);
+}
+
+#[test]
+fn truncated_buffer_file_is_refused_then_repaired() {
+    damaged_file_is_refused_then_repaired(|p| {
+        let len = std::fs::metadata(p).expect("meta").len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .expect("open");
+        f.set_len(len / 3).expect("truncate");
+    });
+}
+
+#[test]
+fn emptied_buffer_file_is_refused_then_repaired() {
+    damaged_file_is_refused_then_repaired(|p| std::fs::write(p, b"").expect("empty"));
+}
+
+#[test]
+fn overwritten_buffer_file_is_refused_then_repaired() {
+    damaged_file_is_refused_then_repaired(|p| {
+        let mut bytes = std::fs::read(p).expect("read");
+        for b in bytes.iter_mut().take(8192) {
+            *b ^= 0xA5;
+        }
+        std::fs::write(p, bytes).expect("write");
+    });
+}
+
 #[test]
 fn foreign_redb_file_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");

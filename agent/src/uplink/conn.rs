@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 
 use super::packer::Seqs;
 use super::session::{Session, SessionError};
@@ -126,14 +125,14 @@ impl Conn {
 /// A connection's packet reader.
 pub type Reader = super::session::Reader;
 /// A connection's writer and the bytes it has yet to write.
-pub type Writer<'a> = (&'a mut OwnedWriteHalf, &'a mut BytesMut);
+pub type Writer<'a> = (&'a mut super::session::Writer, &'a mut BytesMut);
 
 /// The halves of an optional connection, for one `select!` to poll both at once.
 pub fn halves(c: Option<&mut Conn>) -> (Option<&mut Reader>, Option<Writer<'_>>) {
     match c {
         Some(c) => {
             let (reader, writer, out) = (&mut c.s.reader, &mut c.s.writer, &mut c.s.out);
-            let write = (!out.is_empty()).then_some((writer, out));
+            let write = (!out.is_empty() || writer.unflushed()).then_some((writer, out));
             (Some(reader), write)
         }
         None => (None, None),
@@ -194,9 +193,14 @@ pub async fn write_some(
     let Some((w, out)) = w else {
         return pending().await;
     };
+    if out.is_empty() {
+        // Only TLS records are owed (see session::Writer).
+        w.flush().await?;
+        return Ok(None);
+    }
     let mut n = out.len();
     if let Some(s) = shallow {
-        match crate::link::sys::notsent_bytes(w.as_ref()) {
+        match crate::link::sys::notsent_bytes(&*w) {
             Ok(unsent) if unsent >= s.limit => {
                 tokio::time::sleep(s.recheck).await;
                 return Ok(None);
@@ -206,7 +210,7 @@ pub async fn write_some(
         }
     }
     if let Some(win) = window {
-        if let Ok(pipe) = crate::link::sys::pipe_bytes(w.as_ref()) {
+        if let Ok(pipe) = crate::link::sys::pipe_bytes(&*w) {
             let used = pipe + win.elsewhere;
             let room = win.bytes.saturating_sub(used);
             if room < (n as u64).min(SEGMENT) {

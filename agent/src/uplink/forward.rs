@@ -340,7 +340,7 @@ impl Forwarder {
         let connection = u64::from(bulk.s.local_port());
         // Whether the kernel says what its pipe holds (not under an emulator that
         // passes TCP_INFO through short): then the window applies to that.
-        let windowed = crate::link::sys::pipe_bytes(bulk.s.writer.as_ref()).is_ok();
+        let windowed = crate::link::sys::pipe_bytes(&bulk.s.writer).is_ok();
         for lane in &mut self.lanes {
             lane.reset();
         }
@@ -447,7 +447,7 @@ impl Forwarder {
                 .map(|bytes| conn::Window {
                     bytes,
                     elsewhere: express.as_ref().map_or(0, |c| {
-                        crate::link::sys::pipe_bytes(c.s.writer.as_ref()).unwrap_or(0)
+                        crate::link::sys::pipe_bytes(&c.s.writer).unwrap_or(0)
                     }),
                     rate: self.pacer.plan().rate,
                 });
@@ -490,7 +490,7 @@ impl Forwarder {
                     }
                     Err(e) => break 'session Err(SessionError::Io(e).into()),
                 },
-                written = conn::write_some(Some((&mut bulk.s.writer, &mut bulk.s.out)), shallow, window), if !bulk.s.out.is_empty() => match written {
+                written = conn::write_some(Some((&mut bulk.s.writer, &mut bulk.s.out)), shallow, window), if !bulk.s.out.is_empty() || bulk.s.writer.unflushed() => match written {
                     Ok(None) => {}
                     Ok(Some(0)) => break 'session Err(SessionError::Closed.into()),
                     Ok(Some(_)) => bulk.last_tx = Instant::now(),

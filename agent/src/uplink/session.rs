@@ -19,6 +19,9 @@
 //! write never stops PUBACKs from being read; what the broker sends reaches the uplink
 //! as `Incoming`, the same for both protocol versions.
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -26,9 +29,9 @@ use futures::StreamExt;
 use rumqttc::mqttbytes::v4;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tokio_util::codec::FramedRead;
 
 use crate::config::UpstreamConfig;
@@ -45,6 +48,12 @@ const MAX_OUTGOING: usize = 268_435_455;
 pub enum SessionError {
     #[error("connect to {addr}: {source}")]
     Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with {addr}: {source}")]
+    Tls {
         addr: String,
         #[source]
         source: std::io::Error,
@@ -109,8 +118,8 @@ pub enum Incoming {
 
 /// The read half, decoding the session's protocol version.
 pub enum Reader {
-    V4(FramedRead<OwnedReadHalf, v4::Codec>),
-    V5(FramedRead<OwnedReadHalf, Codec5>),
+    V4(FramedRead<ReadHalf<Stream>, v4::Codec>),
+    V5(FramedRead<ReadHalf<Stream>, Codec5>),
 }
 
 impl std::fmt::Debug for Reader {
@@ -262,17 +271,121 @@ fn reason_name(code: u8) -> &'static str {
     }
 }
 
+/// The connection's bytes: plain TCP, or TLS over it (`mqtts://`).
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The write half of a session's stream, with the socket beneath it for TCP_INFO and
+/// the send-queue ioctls (a duplicate descriptor of the same socket).
+///
+/// Why `unflushed`: TLS encrypts a write into records that may not all reach the
+/// socket when it is full; they wait in rustls until the next write or a flush. The
+/// uplink writes only while it has bytes queued, so without a flush the tail of its
+/// last publish could wait for the next keep-alive. `unflushed` says a flush is owed.
+#[derive(Debug)]
+pub struct Writer {
+    half: WriteHalf<Stream>,
+    socket: OwnedFd,
+    tls: bool,
+    unflushed: bool,
+}
+
+impl Writer {
+    /// Whether bytes written may still wait above the socket (TLS records).
+    pub fn unflushed(&self) -> bool {
+        self.unflushed
+    }
+}
+
+impl AsFd for Writer {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+impl AsyncWrite for Writer {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.half).poll_write(cx, buf);
+        if this.tls && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.unflushed = true;
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.half).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            this.unflushed = false;
+        }
+        r
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().half).poll_shutdown(cx)
+    }
+}
+
 /// An established session. Fields are public so a `select!` can borrow the read half
 /// and the write half (with its output buffer) at the same time.
 pub struct Session {
     pub reader: Reader,
-    pub writer: OwnedWriteHalf,
+    pub writer: Writer,
     /// Encoded packets not yet written to the socket.
     pub out: BytesMut,
     next_pkid: u16,
     protocol: Protocol,
     /// The largest packet the broker takes (MQTT 5 CONNACK; None: no limit said).
     max_packet: Option<u32>,
+    local_port: u16,
 }
 
 impl std::fmt::Debug for Session {
@@ -336,7 +449,36 @@ impl Session {
         if let Err(e) = crate::link::sys::set_notsent_lowat(&stream, NOTSENT_LOWAT) {
             tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set");
         }
-        let (rd, wr) = stream.into_split();
+        let socket = stream.as_fd().try_clone_to_owned()?;
+        let local_port = stream.local_addr().map_or(0, |a| a.port());
+        let stream = match &cfg.tls {
+            None => Stream::Plain(stream),
+            Some(tls) => {
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(cfg.host.clone())
+                    .map_err(|e| SessionError::Tls {
+                        addr: addr.to_owned(),
+                        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+                    })?;
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let s =
+                    connector
+                        .connect(name, stream)
+                        .await
+                        .map_err(|source| SessionError::Tls {
+                            addr: addr.to_owned(),
+                            source,
+                        })?;
+                Stream::Tls(Box::new(s))
+            }
+        };
+        let tls = matches!(stream, Stream::Tls(_));
+        let (rd, wr) = tokio::io::split(stream);
+        let wr = Writer {
+            half: wr,
+            socket,
+            tls,
+            unflushed: false,
+        };
         let keep_alive = u16::try_from(cfg.keep_alive.as_secs()).unwrap_or(u16::MAX);
         let reader = match cfg.protocol {
             Protocol::V311 => Reader::V4(FramedRead::new(
@@ -363,6 +505,7 @@ impl Session {
             next_pkid: 0,
             protocol: cfg.protocol,
             max_packet: None,
+            local_port,
         };
         let password = cfg
             .password
@@ -400,6 +543,7 @@ impl Session {
             }
         }
         session.writer.write_all_buf(&mut session.out).await?;
+        session.writer.flush().await?;
         session.await_connack(addr).await?;
         Ok(session)
     }
@@ -517,7 +661,7 @@ impl Session {
 
     /// The local port of the connection: what the link monitor knows it by.
     pub fn local_port(&self) -> u16 {
-        self.writer.as_ref().local_addr().map_or(0, |a| a.port())
+        self.local_port
     }
 
     /// Write what is buffered, send DISCONNECT and close, giving up after `timeout`.
@@ -535,6 +679,7 @@ impl Session {
             };
             if queued {
                 let _ = self.writer.write_all_buf(&mut self.out).await;
+                let _ = self.writer.flush().await;
             }
             let _ = self.writer.shutdown().await;
         })

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,23 @@ enum End {
     Close(DisconnectReason, String),
 }
 
+/// A client's bytes: TCP, or TLS over it where `[local_mqtt]` has a certificate.
+pub trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientIo for T {}
+type Io = Box<dyn ClientIo>;
+
+/// How long a write to a client (TLS records included) may wait for it to read.
+const WRITE_STALL: Duration = Duration::from_secs(30);
+
+/// Write `buf` and flush it (TLS records too), giving up after `WRITE_STALL`.
+async fn send_all(wr: &mut WriteHalf<Io>, buf: &[u8]) {
+    let _ = tokio::time::timeout(WRITE_STALL, async {
+        wr.write_all(buf).await?;
+        wr.flush().await
+    })
+    .await;
+}
+
 pub async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -63,7 +80,32 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let (rd, mut wr) = stream.into_split();
+    let io: Io = match &shared.cfg.tls {
+        None => Box::new(stream),
+        // The handshake counts against connect_timeout, in this connection's own task:
+        // a client that stalls it holds only its own slot.
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+            let handshake = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = tokio::time::timeout(shared.cfg.connect_timeout, acceptor.accept(stream)) => r,
+            };
+            match handshake {
+                Ok(Ok(s)) => Box::new(s),
+                Ok(Err(e)) => {
+                    shared.count(Stat::ProtocolErrors);
+                    tracing::warn!(%peer, error = %e, "TLS handshake failed; closing");
+                    return;
+                }
+                Err(_) => {
+                    shared.count(Stat::ProtocolErrors);
+                    tracing::debug!(%peer, "no TLS handshake in time; closing");
+                    return;
+                }
+            }
+        }
+    };
+    let (rd, mut wr) = tokio::io::split(io);
     let mut frames = FramedRead::new(rd, proto::Decoder::new(shared.cfg.max_packet_size.get()));
     let mut out = BytesMut::with_capacity(1024);
 
@@ -88,7 +130,7 @@ pub async fn serve(
                 Version::V311,
                 &mut out,
             );
-            let _ = wr.write_all(&out).await;
+            send_all(&mut wr, &out).await;
             return;
         }
         Ok(Some(Err(e))) => {
@@ -106,14 +148,14 @@ pub async fn serve(
             version,
             &mut out,
         );
-        let _ = wr.write_all(&out).await;
+        send_all(&mut wr, &out).await;
         return;
     };
     if let Some(code) = authenticate(&shared, &connect).await {
         shared.count(Stat::AuthFailures);
         tracing::warn!(%peer, client_id = %client_id, user = connect.username.as_deref().unwrap_or(""), "authentication failed");
         let _ = proto::encode(&connack(code, None, &shared), version, &mut out);
-        let _ = wr.write_all(&out).await;
+        send_all(&mut wr, &out).await;
         return;
     }
 
@@ -182,6 +224,7 @@ pub async fn serve(
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = wr.write_all(&conn.out).await;
+        let _ = wr.flush().await;
         let _ = wr.shutdown().await;
     })
     .await;
@@ -259,13 +302,14 @@ struct Conn {
 impl Conn {
     async fn run(
         &mut self,
-        frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, proto::Decoder>,
-        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+        frames: &mut FramedRead<ReadHalf<Io>, proto::Decoder>,
+        wr: &mut WriteHalf<Io>,
         mut deliveries: tokio::sync::mpsc::Receiver<super::router::Delivery>,
         taken_over: &CancellationToken,
         keep_alive: u16,
     ) -> End {
         let receive_max = usize::from(self.shared.cfg.receive_maximum.get());
+        let tls = self.shared.cfg.tls.is_some();
         // MQTT: the server closes after 1.5 x keep-alive without a packet (0 = never).
         let idle_limit =
             (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
@@ -301,6 +345,13 @@ impl Conn {
                 }
                 written = wr.write_buf(&mut self.out), if !self.out.is_empty() => match written {
                     Ok(0) | Err(_) => return End::Abrupt("write failed".into()),
+                    Ok(_) if self.out.is_empty() && tls => {
+                        // TLS records may wait above the socket until flushed.
+                        match tokio::time::timeout(WRITE_STALL, wr.flush()).await {
+                            Ok(Ok(())) => {}
+                            _ => return End::Abrupt("the client does not read".into()),
+                        }
+                    }
                     Ok(_) => {}
                 },
                 frame = frames.next(), if can_read => {

@@ -221,10 +221,10 @@ impl Forwarder {
         pubacks: &mut PubackTally,
     ) {
         if self.link.wants_tcp_info() {
-            match crate::link::sys::read(s.writer.as_ref(), connection) {
+            match crate::link::sys::read(&s.writer, connection) {
                 Ok(mut t) => {
                     if let Some(e) = express {
-                        match crate::link::sys::read(e.writer.as_ref(), 0) {
+                        match crate::link::sys::read(&e.writer, 0) {
                             Ok(x) => t.bytes_acked = t.bytes_acked.saturating_add(x.bytes_acked),
                             Err(e) => {
                                 tracing::debug!(error = %e, "TCP_INFO of the high-priority socket")

@@ -1,0 +1,2 @@
+//! Fuzz harness bodies; see harness.rs.
+pub mod harness;
