@@ -275,18 +275,33 @@ fn urls() {
         let c = parse(&MINIMAL.replace("mqtt://127.0.0.1:1883", url)).expect(url);
         assert_eq!((c.upstream.host.as_str(), c.upstream.port), (host, port));
     }
-    for bad in [
-        "mqtt://",
-        "mqtt://h:0",
-        "mqtt://u:p@h",
-        "mqtts://h",
-        "h:1883",
-    ] {
+    for bad in ["mqtt://", "mqtt://h:0", "mqtt://u:p@h", "ftp://h", "h:1883"] {
         assert!(
             parse(&MINIMAL.replace("mqtt://127.0.0.1:1883", bad)).is_err(),
             "{bad}"
         );
     }
+    // mqtts:// takes 8883 by default and reads its CA file at validation.
+    let tls = MINIMAL.replace(
+        "url = \"mqtt://127.0.0.1:1883\"",
+        "url = \"mqtts://h\"\nca_file = \"/nonexistent/ca.pem\"",
+    );
+    assert_ne!(tls, MINIMAL);
+    let e = format!("{:?}", parse(&tls).expect_err("a missing CA file"));
+    assert!(
+        e.contains("upstream.ca_file") && e.contains("/nonexistent/ca.pem"),
+        "{e}"
+    );
+    assert_eq!(
+        super::validate::parse_any_url("mqtts://h"),
+        Ok(("h".to_owned(), 8883, true))
+    );
+    let e = parse(&format!(
+        "{MINIMAL}\n[local_broker]\nurl = \"mqtts://127.0.0.1\"\ntopics = [\"a\"]\n"
+    ))
+    .expect_err("TLS to the local broker");
+    let e = format!("{e:?}");
+    assert!(e.contains("[upstream] only"), "{e}");
 }
 
 #[test]
