@@ -1,6 +1,7 @@
 //! The system calls the link monitor and the uplink need that std does not offer:
 //! TCP_INFO and TCP_NOTSENT_LOWAT of the upstream socket, a socket's network namespace
-//! cookie, and the monotonic clock the eBPF probe's timestamps use.
+//! cookie, the monotonic clock the eBPF probe's timestamps use, and statvfs for the
+//! store's disk budget.
 //!
 //! The agent's only unsafe code is here: the crates that wrap TCP_INFO generate bindings
 //! at build time (libclang), which ARM cross builds cannot afford. The struct below is
@@ -270,6 +271,21 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
+/// statvfs(2) of `path`: bytes available to unprivileged users (the store's disk
+/// budget, store/disk.rs). None where it cannot be asked.
+pub fn statvfs_available(path: &std::ffi::CStr) -> Option<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `path` is NUL-terminated; `st` is a valid out-pointer the call fills.
+    let r = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field widths differ between targets
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 #[cfg(test)]

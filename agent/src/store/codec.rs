@@ -169,6 +169,9 @@ pub enum GapReason {
     /// The whole buffer file was unreadable and `run --repair` moved it aside: what it
     /// held unsent is lost (stream "*": every stream of the previous epoch).
     BufferLost = 6,
+    /// Dropped (`when_full = "drop-oldest"`) because the filesystem could not hold
+    /// more, before `max_size` was reached.
+    DiskFull = 7,
 }
 
 impl GapReason {
@@ -180,6 +183,7 @@ impl GapReason {
             4 => Some(Self::Conflated),
             5 => Some(Self::Purged),
             6 => Some(Self::BufferLost),
+            7 => Some(Self::DiskFull),
             _ => None,
         }
     }
@@ -191,6 +195,7 @@ impl GapReason {
             Self::Conflated => "conflated",
             Self::Purged => "purged",
             Self::BufferLost => "buffer_lost",
+            Self::DiskFull => "disk_full",
         }
     }
 }

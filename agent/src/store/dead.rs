@@ -210,7 +210,7 @@ impl Store {
             .iter()
             .map(|s| (s.id.0, s.name.clone()))
             .collect();
-        let txn = self.db.begin_read().map_err(|e| storage(&e))?;
+        let txn = self.db()?.begin_read().map_err(|e| storage(&e))?;
         let table = match txn.open_table(schema::DEAD_LETTERS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),

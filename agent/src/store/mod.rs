@@ -15,6 +15,8 @@
 
 mod codec;
 pub mod dead;
+mod disk;
+mod handle;
 mod inbox;
 mod latest;
 mod retention;
@@ -250,7 +252,7 @@ const APP_META: &str = "app/";
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Request>,
-    db: Arc<Database>,
+    db: Arc<handle::DbHandle>,
     path: Arc<PathBuf>,
     epoch: u64,
     committed: watch::Receiver<u64>,
@@ -338,6 +340,14 @@ impl PendingAppend {
 }
 
 impl Store {
+    /// The open database, or an error while the writer reopens it after an I/O error.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.db.get().ok_or_else(|| StoreError::Storage {
+            path: self.path.to_path_buf(),
+            detail: "the buffer file is being reopened after a write error".into(),
+        })
+    }
+
     /// `run --repair`: if the buffer file is corrupt or not an edgerelay buffer, move
     /// it aside and start an empty one that reports the loss upstream (schema::repair).
     pub fn repair(opts: &StoreOptions) -> Result<Repair, StoreError> {
@@ -353,13 +363,14 @@ impl Store {
             })?;
         }
         let opened = schema::open(&opts.path, opts.cache_size)?;
-        let db = Arc::new(opened.db);
+        let state = state::load_state(&opened.db, &opts.path)?;
+        let db = Arc::new(handle::DbHandle::new(opened.db));
         let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
         let inbox = inbox::Inbox::new(rx).map_err(|source| StoreError::Io {
             path: opts.path.clone(),
             source,
         })?;
-        let state = state::load_state(&db, &opts.path)?;
+
         let names: HashMap<String, StreamId> = state
             .streams
             .iter()
@@ -620,7 +631,7 @@ impl Store {
             path: self.path.to_path_buf(),
             detail: e.to_string(),
         };
-        let txn = self.db.begin_read().map_err(|e| storage(&e))?;
+        let txn = self.db()?.begin_read().map_err(|e| storage(&e))?;
         let table = txn.open_table(schema::RECORDS).map_err(|e| storage(&e))?;
         let range = table
             .range((stream.0, from)..=(stream.0, to))
@@ -710,7 +721,7 @@ impl Store {
             path: self.path.to_path_buf(),
             detail: e.to_string(),
         };
-        let txn = self.db.begin_read().map_err(|e| storage(&e))?;
+        let txn = self.db()?.begin_read().map_err(|e| storage(&e))?;
         let table = txn.open_table(schema::GAPS).map_err(|e| storage(&e))?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(|e| storage(&e))?.take(limit) {
@@ -750,7 +761,7 @@ impl Store {
             path: self.path.to_path_buf(),
             detail: e.to_string(),
         };
-        let txn = self.db.begin_read().map_err(|e| storage(&e))?;
+        let txn = self.db()?.begin_read().map_err(|e| storage(&e))?;
         let table = txn.open_table(schema::META).map_err(|e| storage(&e))?;
         let value = table
             .get(format!("{APP_META}{key}").as_str())

@@ -9,10 +9,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use redb::{Database, ReadableTable, Table, WriteTransaction};
+use redb::{ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
 use super::codec::{self, GapReason, GapValue, StreamState};
+use super::disk::DiskRoom;
+use super::handle::DbHandle;
 use super::inbox::{Inbox, Recv};
 use super::latest::LatestIndex;
 use super::retention::{self, Admission, Head};
@@ -33,7 +35,11 @@ pub struct Signals {
 }
 
 pub struct Writer {
-    db: Arc<Database>,
+    db: Arc<DbHandle>,
+    /// A commit failed with an I/O error: redb refuses everything until the file is
+    /// opened again (store/handle.rs), which the next commit tries first.
+    broken: bool,
+    disk: DiskRoom,
     opts: StoreOptions,
     state: State,
     rx: Inbox,
@@ -48,10 +54,13 @@ enum Reply {
         oneshot::Sender<Result<StreamId, StoreError>>,
         Result<StreamId, StoreError>,
     ),
+    /// The record is kept until the commit decides: a commit that fails for lack of
+    /// space gives it back to its producer, which holds it and tries again.
     Append(
         oneshot::Sender<Result<u64, Refused>>,
         Result<u64, Refused>,
         crate::record::OriginKind,
+        Option<crate::record::Record>,
     ),
     Ack(Option<oneshot::Sender<Result<(), AppendError>>>),
     Maintain(oneshot::Sender<()>),
@@ -64,7 +73,7 @@ impl Reply {
             Reply::Stream(tx, r) => {
                 let _ = tx.send(r);
             }
-            Reply::Append(tx, r, source) => {
+            Reply::Append(tx, r, source, _) => {
                 count_append(source, r.as_ref().err().map(|e| &e.error));
                 let _ = tx.send(r);
             }
@@ -81,16 +90,26 @@ impl Reply {
         }
     }
 
-    /// The transaction failed: nothing in it is durable.
-    fn fail(self, detail: &str) {
+    /// The transaction failed: nothing in it is durable. After an I/O failure (`io`:
+    /// ENOSPC, say) an append is answered as if the buffer were full, with its record,
+    /// so its producer holds it (no acknowledgement) and tries again when space frees.
+    fn fail(self, detail: &str, io: bool) {
         match self {
+            Reply::Append(tx, r, source, kept) if io => {
+                let record = kept.or_else(|| r.err().and_then(|refused| refused.record));
+                count_append(source, Some(&AppendError::Full));
+                let _ = tx.send(Err(Refused {
+                    error: AppendError::Full,
+                    record,
+                }));
+            }
             Reply::Stream(tx, _) => {
                 let _ = tx.send(Err(StoreError::Storage {
                     path: Default::default(),
                     detail: detail.to_owned(),
                 }));
             }
-            Reply::Append(tx, r, source) => {
+            Reply::Append(tx, r, source, _) => {
                 let error = AppendError::Storage(detail.to_owned());
                 count_append(source, Some(&error));
                 let record = r.err().and_then(|refused| refused.record);
@@ -106,6 +125,20 @@ impl Reply {
             Reply::Discard(tx, _) => {
                 let _ = tx.send(Err(AppendError::Storage(detail.to_owned())));
             }
+        }
+    }
+}
+
+/// While the file cannot be written: appends go back to their producers as if the
+/// buffer were full (held, retried when space frees); anything else is dropped, which
+/// its caller sees as an error.
+fn refuse_while_broken(batch: Vec<Request>) {
+    for req in batch {
+        if let Request::Append { record, reply, .. } = req {
+            let _ = reply.send(Err(Refused {
+                error: AppendError::Full,
+                record: Some(record),
+            }));
         }
     }
 }
@@ -144,7 +177,7 @@ struct Effects {
 
 impl Writer {
     pub fn new(
-        db: Arc<Database>,
+        db: Arc<DbHandle>,
         opts: StoreOptions,
         state: State,
         rx: Inbox,
@@ -153,6 +186,8 @@ impl Writer {
     ) -> Self {
         Self {
             db,
+            broken: false,
+            disk: DiskRoom::new(opts.path.clone()),
             opts,
             state,
             rx,
@@ -250,11 +285,33 @@ impl Writer {
     fn commit(&mut self, batch: Vec<Request>, age: bool) -> bool {
         #[cfg(feature = "test-hooks")]
         self.test_hold(&batch);
+        if self.broken {
+            match self.db.reopen(&self.opts.path, self.opts.cache_size) {
+                Ok(()) => {
+                    self.broken = false;
+                    tracing::warn!(path = %self.opts.path.display(), "buffer file reopened after the write error; committing again");
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "buffer file not reopened yet");
+                    refuse_while_broken(batch);
+                    return false;
+                }
+            }
+            // Producers held by the failure try again.
+            self.signals.freed.send_modify(|g| *g += 1);
+        }
+        let Some(db) = self.db.get() else {
+            self.broken = true;
+            refuse_while_broken(batch);
+            return false;
+        };
         let mut work = self.state.clone();
         let mut replies = Vec::with_capacity(batch.len());
         let mut effects = Effects::default();
+        // What an error inside the transaction leaves unapplied is answered below.
+        let mut pending = batch.into_iter();
         let result = (|| -> Result<WriteTransaction, redb::Error> {
-            let txn = self.db.begin_write()?;
+            let txn = db.begin_write()?;
             {
                 let mut tables = Tables {
                     records: txn.open_table(RECORDS)?,
@@ -263,7 +320,7 @@ impl Writer {
                     streams: txn.open_table(STREAMS)?,
                     meta: txn.open_table(META)?,
                 };
-                for req in batch {
+                for req in pending.by_ref() {
                     let reply = self.apply(&mut work, &mut tables, req, &mut effects)?;
                     replies.push(reply);
                 }
@@ -322,9 +379,17 @@ impl Writer {
             }
             Err(e) => {
                 let detail = e.to_string();
+                if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+                    // ENOSPC, EIO: redb latches it; the file must be opened again.
+                    self.broken = true;
+                    self.disk.invalidate();
+                }
                 tracing::error!(error = %detail, path = %self.opts.path.display(), "buffer commit failed; nothing in it was acknowledged");
                 for r in replies {
-                    r.fail(&detail);
+                    r.fail(&detail, self.broken);
+                }
+                if self.broken {
+                    refuse_while_broken(pending.collect());
                 }
                 false
             }
@@ -384,14 +449,18 @@ impl Writer {
                 // A refused record goes back to its producer, which may retry it
                 // without having kept a copy.
                 let source = record.origin.kind;
-                Reply::Append(
-                    reply,
-                    res.map_err(|error| Refused {
-                        error,
-                        record: Some(record),
-                    }),
-                    source,
-                )
+                match res {
+                    Ok(seq) => Reply::Append(reply, Ok(seq), source, Some(record)),
+                    Err(error) => Reply::Append(
+                        reply,
+                        Err(Refused {
+                            error,
+                            record: Some(record),
+                        }),
+                        source,
+                        None,
+                    ),
+                }
             }
             Request::Ack {
                 stream,
@@ -456,10 +525,32 @@ impl Writer {
             ))));
         }
         let cost = retention::entry_cost(codec::encoded_len(record));
-        match retention::admit(work.used, cost, &self.opts.budget) {
+        // The disk may hold less than max_size allows: the budget is what both allow.
+        let when_full = self.opts.budget.when_full;
+        let disk_cap = self.disk.data_cap();
+        let budget = retention::Budget {
+            data_bytes: disk_cap.map_or(self.opts.budget.data_bytes, |c| {
+                c.min(self.opts.budget.data_bytes)
+            }),
+            when_full,
+        };
+        let disk_bound = budget.data_bytes < self.opts.budget.data_bytes;
+        match retention::admit(work.used, cost, &budget) {
             Admission::Fits => {}
-            Admission::EvictThenFits(n) => self.evict_bytes(work, t, n, fx)?,
+            Admission::EvictThenFits(n) => {
+                let reason = if disk_bound {
+                    GapReason::DiskFull
+                } else {
+                    GapReason::MaxSize
+                };
+                self.evict_bytes(work, t, n, reason, fx)?
+            }
             Admission::RejectFull => {
+                work.rejected_full += 1;
+                return Ok(Err(AppendError::Full));
+            }
+            // Too large for what the disk has left, not for max_size: full, for now.
+            Admission::RejectTooLarge if disk_bound && cost <= self.opts.budget.data_bytes => {
                 work.rejected_full += 1;
                 return Ok(Err(AppendError::Full));
             }
@@ -571,6 +662,7 @@ impl Writer {
         work: &mut State,
         t: &mut Tables<'_>,
         need: u64,
+        reason: GapReason,
         fx: &mut Effects,
     ) -> Result<(), redb::Error> {
         let mut freed = 0u64;
@@ -591,7 +683,7 @@ impl Writer {
             let Some(victim) = retention::oldest_head(&heads) else {
                 break;
             };
-            freed += self.evict_head(work, t, victim, GapReason::MaxSize, fx)?;
+            freed += self.evict_head(work, t, victim, reason, fx)?;
         }
         Ok(())
     }
