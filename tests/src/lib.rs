@@ -1012,3 +1012,104 @@ pub fn prometheus_samples(text: &str) -> Vec<(String, f64)> {
         })
         .collect()
 }
+
+/// A bare MQTT 3.1.1 client on rumqttc's packet codec, one QoS 1 publish at a time and
+/// no retransmission of its own: what the torture and hostile-client drills need to know
+/// exactly which publish got its PUBACK (and when).
+#[derive(Debug)]
+pub struct MiniMqtt {
+    conn: std::net::TcpStream,
+    buf: bytes::BytesMut,
+    next_pkid: u16,
+}
+
+impl MiniMqtt {
+    /// TCP connect, CONNECT as `client_id`, wait for a successful CONNACK.
+    pub fn connect(port: u16, client_id: &str) -> Option<Self> {
+        use rumqttc::mqttbytes::v4;
+        use std::io::Write;
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        conn.set_nodelay(true).ok()?;
+        let mut out = bytes::BytesMut::new();
+        let mut connect = v4::Connect::new(client_id);
+        connect.keep_alive = 30;
+        v4::Packet::Connect(connect).write(&mut out, 1 << 20).ok()?;
+        conn.write_all(&out).ok()?;
+        let mut c = Self {
+            conn,
+            buf: bytes::BytesMut::new(),
+            next_pkid: 0,
+        };
+        match c.read_packet()? {
+            v4::Packet::ConnAck(a) if a.code == v4::ConnectReturnCode::Success => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Publish at QoS 1 and wait for its PUBACK; false if the connection failed first.
+    pub fn publish(&mut self, topic: &str, payload: &[u8]) -> bool {
+        use rumqttc::mqttbytes::v4;
+        use std::io::Write;
+        self.next_pkid = self.next_pkid % 65_000 + 1;
+        let pkid = self.next_pkid;
+        let mut p = v4::Publish::new(
+            topic,
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            payload.to_vec(),
+        );
+        p.pkid = pkid;
+        let mut out = bytes::BytesMut::new();
+        if v4::Packet::Publish(p).write(&mut out, 1 << 20).is_err()
+            || self.conn.write_all(&out).is_err()
+        {
+            return false;
+        }
+        loop {
+            match self.read_packet() {
+                Some(v4::Packet::PubAck(a)) if a.pkid == pkid => return true,
+                Some(v4::Packet::PubAck(_)) | Some(v4::Packet::PingResp) => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// Subscribe to `filter` at QoS 1 and wait for the SUBACK.
+    pub fn subscribe(&mut self, filter: &str) -> bool {
+        use rumqttc::mqttbytes::v4;
+        use std::io::Write;
+        let sub = v4::Subscribe::new(filter, rumqttc::mqttbytes::QoS::AtLeastOnce);
+        let mut out = bytes::BytesMut::new();
+        if v4::Packet::Subscribe(sub).write(&mut out, 1 << 20).is_err()
+            || self.conn.write_all(&out).is_err()
+        {
+            return false;
+        }
+        matches!(self.read_packet(), Some(v4::Packet::SubAck(_)))
+    }
+
+    fn read_packet(&mut self) -> Option<rumqttc::mqttbytes::v4::Packet> {
+        use std::io::Read;
+        loop {
+            match rumqttc::mqttbytes::v4::Packet::read(&mut self.buf, 1 << 20) {
+                Ok(p) => return Some(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(_) => return None,
+            }
+            let mut chunk = [0u8; 4096];
+            match self.conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(k) => self.buf.extend_from_slice(&chunk[..k]),
+            }
+        }
+    }
+}
+
+/// Resident memory of process `pid` in KiB (VmRSS), if it is still running.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}

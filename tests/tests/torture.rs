@@ -5,21 +5,16 @@
 //! `unpack`'s output exactly once; one that did not is there at most once (it may have
 //! been committed just before the kill). Duplicates upstream before dedup are reported.
 //!
-//! The publishers speak MQTT themselves (rumqttc's packet codec), one publish in flight
-//! each, and never resend: a client library's retransmission would make "acknowledged
+//! The publishers speak MQTT themselves (`MiniMqtt`: rumqttc's packet codec), one
+//! publish in flight each, and never resend: a client library's retransmission would make "acknowledged
 //! once" ambiguous.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use rand::Rng;
-use rumqttc::mqttbytes::v4;
-use rumqttc::mqttbytes::QoS;
 
 use edgerelay_tests::*;
 
@@ -36,38 +31,14 @@ struct Outcome {
 fn publisher(id: usize, port: u16, stop: Arc<AtomicBool>, out: Arc<Mutex<Outcome>>) {
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut conn) = TcpStream::connect(("127.0.0.1", port)) else {
+        let Some(mut client) = MiniMqtt::connect(port, &format!("torture-{id}")) else {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         };
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut buf = BytesMut::new();
-        let mut connect = v4::Connect::new(format!("torture-{id}"));
-        connect.keep_alive = 30;
-        if v4::Packet::Connect(connect)
-            .write(&mut buf, 1 << 20)
-            .is_err()
-            || conn.write_all(&buf).is_err()
-        {
-            continue;
-        }
-        buf.clear();
-        if !matches!(
-            read_packet(&mut conn, &mut buf),
-            Some(v4::Packet::ConnAck(_))
-        ) {
-            continue;
-        }
         while !stop.load(Ordering::Relaxed) {
             let msg = format!("p{id}-{n}");
             n += 1;
-            let pkid = (n % 65_000) as u16 + 1;
-            let mut p = v4::Publish::new("torture/t", QoS::AtLeastOnce, msg.clone());
-            p.pkid = pkid;
-            let mut wbuf = BytesMut::new();
-            let acked = v4::Packet::Publish(p).write(&mut wbuf, 1 << 20).is_ok()
-                && conn.write_all(&wbuf).is_ok()
-                && matches!(read_packet(&mut conn, &mut buf), Some(v4::Packet::PubAck(a)) if a.pkid == pkid);
+            let acked = client.publish("torture/t", msg.as_bytes());
             let mut o = out.lock().expect("lock");
             if acked {
                 o.acked.push(msg);
@@ -75,21 +46,6 @@ fn publisher(id: usize, port: u16, stop: Arc<AtomicBool>, out: Arc<Mutex<Outcome
                 o.unacked.push(msg);
                 break;
             }
-        }
-    }
-}
-
-fn read_packet(conn: &mut TcpStream, buf: &mut BytesMut) -> Option<v4::Packet> {
-    loop {
-        match v4::Packet::read(buf, 1 << 20) {
-            Ok(p) => return Some(p),
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(_) => return None,
-        }
-        let mut chunk = [0u8; 4096];
-        match conn.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(k) => buf.extend_from_slice(&chunk[..k]),
         }
     }
 }
