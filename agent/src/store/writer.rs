@@ -10,19 +10,23 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use redb::{ReadableTable, Table, WriteTransaction};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use super::codec::{self, GapReason, GapValue, StreamState};
 use super::disk::DiskRoom;
 use super::handle::DbHandle;
 use super::inbox::{Inbox, Recv};
 use super::latest::LatestIndex;
-use super::retention::{self, Admission, Head};
+use super::retention::{self, Admission};
 use super::schema::{DEAD_LETTERS, GAPS, META, RECORDS, STREAMS, STREAM_STATE};
 use super::state::{State, StreamEntry};
 use super::{AppendError, Refused, Request, StoreError, StoreOptions, StoreStats, StreamId};
 
 mod dead;
+mod evict;
+mod reply;
+
+use reply::{refuse_while_broken, Reply};
 
 /// At most this many records are evicted by age in one transaction, so a huge expired
 /// backlog does not make one commit (and every producer waiting on it) arbitrarily slow.
@@ -46,120 +50,6 @@ pub struct Writer {
     signals: Signals,
     scratch: Vec<u8>,
     latest: Arc<std::sync::Mutex<LatestIndex>>,
-}
-
-/// A reply held back until the transaction that decides it has committed.
-enum Reply {
-    Stream(
-        oneshot::Sender<Result<StreamId, StoreError>>,
-        Result<StreamId, StoreError>,
-    ),
-    /// The record is kept until the commit decides: a commit that fails for lack of
-    /// space gives it back to its producer, which holds it and tries again.
-    Append(
-        oneshot::Sender<Result<u64, Refused>>,
-        Result<u64, Refused>,
-        crate::record::OriginKind,
-        Option<crate::record::Record>,
-    ),
-    Ack(Option<oneshot::Sender<Result<(), AppendError>>>),
-    Maintain(oneshot::Sender<()>),
-    Discard(oneshot::Sender<Result<u64, AppendError>>, u64),
-}
-
-impl Reply {
-    fn send(self) {
-        match self {
-            Reply::Stream(tx, r) => {
-                let _ = tx.send(r);
-            }
-            Reply::Append(tx, r, source, _) => {
-                count_append(source, r.as_ref().err().map(|e| &e.error));
-                let _ = tx.send(r);
-            }
-            Reply::Ack(Some(tx)) => {
-                let _ = tx.send(Ok(()));
-            }
-            Reply::Ack(None) => {}
-            Reply::Maintain(tx) => {
-                let _ = tx.send(());
-            }
-            Reply::Discard(tx, n) => {
-                let _ = tx.send(Ok(n));
-            }
-        }
-    }
-
-    /// The transaction failed: nothing in it is durable. After an I/O failure (`io`:
-    /// ENOSPC, say) an append is answered as if the buffer were full, with its record,
-    /// so its producer holds it (no acknowledgement) and tries again when space frees.
-    fn fail(self, detail: &str, io: bool) {
-        match self {
-            Reply::Append(tx, r, source, kept) if io => {
-                let record = kept.or_else(|| r.err().and_then(|refused| refused.record));
-                count_append(source, Some(&AppendError::Full));
-                let _ = tx.send(Err(Refused {
-                    error: AppendError::Full,
-                    record,
-                }));
-            }
-            Reply::Stream(tx, _) => {
-                let _ = tx.send(Err(StoreError::Storage {
-                    path: Default::default(),
-                    detail: detail.to_owned(),
-                }));
-            }
-            Reply::Append(tx, r, source, _) => {
-                let error = AppendError::Storage(detail.to_owned());
-                count_append(source, Some(&error));
-                let record = r.err().and_then(|refused| refused.record);
-                let _ = tx.send(Err(Refused { error, record }));
-            }
-            Reply::Ack(Some(tx)) => {
-                let _ = tx.send(Err(AppendError::Storage(detail.to_owned())));
-            }
-            Reply::Ack(None) => {}
-            Reply::Maintain(tx) => {
-                let _ = tx.send(());
-            }
-            Reply::Discard(tx, _) => {
-                let _ = tx.send(Err(AppendError::Storage(detail.to_owned())));
-            }
-        }
-    }
-}
-
-/// While the file cannot be written: appends go back to their producers as if the
-/// buffer were full (held, retried when space frees); anything else is dropped, which
-/// its caller sees as an error.
-fn refuse_while_broken(batch: Vec<Request>) {
-    for req in batch {
-        if let Request::Append { record, reply, .. } = req {
-            let _ = reply.send(Err(Refused {
-                error: AppendError::Full,
-                record: Some(record),
-            }));
-        }
-    }
-}
-
-/// Count a decided append into the metrics (accepted: committed, so acknowledged).
-fn count_append(source: crate::record::OriginKind, error: Option<&AppendError>) {
-    let m = crate::telemetry::metrics();
-    let source = source.as_str();
-    match error {
-        None => m
-            .accepted
-            .get_or_create(&crate::telemetry::labels(&[("source", source)]))
-            .inc(),
-        Some(e) => m
-            .rejected
-            .get_or_create(&crate::telemetry::labels(&[
-                ("source", source),
-                ("reason", e.reason()),
-            ]))
-            .inc(),
-    };
 }
 
 /// What one transaction changed, to decide which signals to raise.
@@ -654,128 +544,6 @@ impl Writer {
             }
         }
         Ok(())
-    }
-
-    /// Evict globally-oldest records until at least `need` bytes are freed.
-    fn evict_bytes(
-        &mut self,
-        work: &mut State,
-        t: &mut Tables<'_>,
-        need: u64,
-        reason: GapReason,
-        fx: &mut Effects,
-    ) -> Result<(), redb::Error> {
-        let mut freed = 0u64;
-        while freed < need {
-            let mut heads = Vec::with_capacity(work.streams.len());
-            for (id, s) in &work.streams {
-                if s.state.count == 0 {
-                    continue;
-                }
-                if let Some(entry) = t.records.range((*id, 0)..=(*id, u64::MAX))?.next() {
-                    let (_, v) = entry?;
-                    heads.push(Head {
-                        stream: *id,
-                        ts_ms: codec::peek_ts(v.value()).unwrap_or(0),
-                    });
-                }
-            }
-            let Some(victim) = retention::oldest_head(&heads) else {
-                break;
-            };
-            freed += self.evict_head(work, t, victim, reason, fx)?;
-        }
-        Ok(())
-    }
-
-    /// Evict records older than max_age from every stream's head; true if more remain.
-    fn evict_by_age(
-        &mut self,
-        work: &mut State,
-        t: &mut Tables<'_>,
-        fx: &mut Effects,
-    ) -> Result<bool, redb::Error> {
-        let cutoff = retention::age_cutoff(
-            (self.opts.clock)(),
-            u64::try_from(self.opts.max_age.as_millis()).unwrap_or(u64::MAX),
-        );
-        let ids: Vec<u16> = work.streams.keys().copied().collect();
-        let mut evicted = 0usize;
-        for id in ids {
-            loop {
-                if evicted >= AGE_EVICT_CHUNK {
-                    return Ok(true);
-                }
-                let expired = match t.records.range((id, 0)..=(id, u64::MAX))?.next() {
-                    Some(entry) => {
-                        let (_, v) = entry?;
-                        codec::peek_ts(v.value()).unwrap_or(0) < cutoff
-                    }
-                    None => false,
-                };
-                if !expired {
-                    break;
-                }
-                self.evict_head(work, t, id, GapReason::MaxAge, fx)?;
-                evicted += 1;
-            }
-        }
-        if evicted > 0 {
-            tracing::warn!(evicted, max_age = ?self.opts.max_age, "records older than max_age dropped unsent (recorded as a gap)");
-        }
-        Ok(false)
-    }
-
-    /// Remove the head record of `stream`, account for it and record the gap. Returns the
-    /// bytes freed.
-    fn evict_head(
-        &mut self,
-        work: &mut State,
-        t: &mut Tables<'_>,
-        stream: u16,
-        reason: GapReason,
-        fx: &mut Effects,
-    ) -> Result<u64, redb::Error> {
-        let head = match t.records.range((stream, 0)..=(stream, u64::MAX))?.next() {
-            Some(entry) => {
-                let (k, v) = entry?;
-                Some((k.value().1, v.value().len()))
-            }
-            None => None,
-        };
-        let Some((seq, len)) = head else {
-            return Ok(0);
-        };
-        t.records.remove((stream, seq))?;
-        let cost = retention::entry_cost(len);
-        work.used = work.used.saturating_sub(cost);
-        fx.freed = true;
-        fx.touched.push(stream);
-        if let Some(s) = work.streams.get_mut(&stream) {
-            s.state.count = s.state.count.saturating_sub(1);
-            s.state.bytes = s.state.bytes.saturating_sub(cost);
-            s.state.evicted += 1;
-            let gap = match s.open_gap {
-                Some((first, mut g))
-                    if g.last.checked_add(1) == Some(seq) && g.reason == reason =>
-                {
-                    g.last = seq;
-                    g.count += 1;
-                    (first, g)
-                }
-                _ => (
-                    seq,
-                    GapValue {
-                        last: seq,
-                        count: 1,
-                        reason,
-                    },
-                ),
-            };
-            t.gaps.insert((stream, gap.0), gap.1.encode().as_slice())?;
-            s.open_gap = Some(gap);
-        }
-        Ok(cost)
     }
 }
 
