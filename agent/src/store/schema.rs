@@ -69,8 +69,13 @@ fn map_open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
     let path = path.to_path_buf();
     match e {
         redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path },
+        // A file shorter than its header says (truncated) reads as UnexpectedEof:
+        // corruption, not an I/O problem of the system.
         redb::DatabaseError::Storage(redb::StorageError::Io(io))
-            if io.kind() != std::io::ErrorKind::InvalidData =>
+            if !matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
         {
             StoreError::Io { path, source: io }
         }
