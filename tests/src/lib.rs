@@ -246,6 +246,26 @@ pub fn build_agent(features: &[&str]) -> PathBuf {
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // `cargo test` gives its test processes the package's CARGO_PKG_*, CARGO_MANIFEST_*
+    // and the like, which ring's build script tracks: passed on, they would make this
+    // build differ from the one run from a shell (scripts/test.sh) and rebuild ring,
+    // rustls and the agent every time the two alternate.
+    const SET_FOR_TESTS: [&str; 6] = [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+    ];
+    for (key, _) in std::env::vars_os() {
+        if SET_FOR_TESTS
+            .iter()
+            .any(|p| key.to_string_lossy().starts_with(p))
+        {
+            cmd.env_remove(key);
+        }
+    }
     cmd.args(["build", "--quiet", "-p", "edgerelay", "--bin", "edgerelay"]);
     if !features.is_empty() {
         cmd.arg("--features").arg(features.join(","));
@@ -771,10 +791,21 @@ impl Unpack {
 
     /// Start inside network namespace `netns` (a link lab's central side), `--jsonl`.
     pub fn start_in_netns(netns: &str, broker_url: &str, prefix: &str, state: &Path) -> Self {
+        Self::start_in_netns_with(netns, broker_url, prefix, state, &["--jsonl"])
+    }
+
+    /// Start inside network namespace `netns` with `args` (e.g. `--republish-prefix P`).
+    pub fn start_in_netns_with(
+        netns: &str,
+        broker_url: &str,
+        prefix: &str,
+        state: &Path,
+        args: &[&str],
+    ) -> Self {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{netns}"))
             .arg(agent_bin());
-        Self::start_cmd(cmd, broker_url, prefix, state, &["--jsonl"])
+        Self::start_cmd(cmd, broker_url, prefix, state, args)
     }
 
     fn start_cmd(

@@ -228,4 +228,20 @@ fn unpack_republishes_under_a_prefix() {
         "original topic under the prefix"
     );
     assert_eq!(out.received.len(), 250, "each once");
+
+    // The republish connection goes stale between batches (here: another client takes
+    // its client id over, so the broker closes it, as it does with an idle one after
+    // 1.5 × keep-alive): the next batch must still come out, not sit unacknowledged.
+    let imposter = MiniMqtt::connect(broker.port, "test-unpack-republish")
+        .expect("take the republisher's client id over");
+    drop(imposter);
+    send(&mut conn, 250..500);
+    out.wait_for(
+        "the next 250 after the republish connection was closed",
+        SOON,
+        |got| {
+            let have: HashSet<&[u8]> = got.iter().map(|r| r.payload.as_slice()).collect();
+            (250..500).all(|i| have.contains(format!("batched-{i}").as_bytes()))
+        },
+    );
 }

@@ -225,6 +225,23 @@ impl Republisher {
         &mut self,
         items: Vec<(String, bytes::Bytes, bool)>,
     ) -> Result<(), String> {
+        // A session kept from an earlier batch may have gone stale while idle (this
+        // connection sends no keep-alive of its own between batches; the broker drops
+        // it after 1.5 × keep_alive): one failure on it is retried on a fresh one.
+        let reused = self.session.is_some();
+        match self.try_publish_all(items.clone()).await {
+            Err(e) if reused => {
+                tracing::info!(error = %e, "republish connection was stale; reconnecting");
+                self.try_publish_all(items).await
+            }
+            result => result,
+        }
+    }
+
+    async fn try_publish_all(
+        &mut self,
+        items: Vec<(String, bytes::Bytes, bool)>,
+    ) -> Result<(), String> {
         use tokio::io::AsyncWriteExt;
         const WINDOW: usize = 256;
         if self.session.is_none() {
@@ -335,9 +352,20 @@ pub async fn run(
                     republisher.as_mut(),
                 )
                 .await;
-                if done && p.qos != QoS::AtMostOnce {
+                if p.qos == QoS::AtMostOnce {
+                    // Nothing to acknowledge, nothing the broker would send again.
+                } else if done {
                     if let Err(e) = client.try_ack(&p) {
                         tracing::warn!(error = %e, "cannot queue PUBACK; the broker will redeliver");
+                    }
+                } else {
+                    // A broker sends an unacknowledged message again only on a new
+                    // connection of the session: reconnect (after the back-off) rather
+                    // than leave it unacknowledged, and unprocessed, for as long as
+                    // this connection lasts.
+                    tracing::info!(topic = %p.topic, "reconnecting so that the broker delivers the message again");
+                    if let Err(e) = client.try_disconnect() {
+                        tracing::warn!(error = %e, "cannot queue DISCONNECT");
                     }
                 }
             }
