@@ -142,8 +142,8 @@ fn timing(quick: bool) -> Timing {
     }
 }
 
-/// (file, title, the figure plotted, log scale)
-type Plot = (&'static str, &'static str, fn(&Figures) -> f64, bool);
+/// (file, title, the figure plotted)
+type Plot = (&'static str, &'static str, fn(&Figures) -> f64);
 
 fn run_case(system: System, kind: Kind, link: &Link, t: Timing) -> Figures {
     if link.outage.is_some() {
@@ -229,18 +229,16 @@ fn main() -> ExitCode {
             "bench-goodput.svg",
             "Goodput, messages/s delivered (log scale; outage: backlog drain rate)",
             |f| f.goodput,
-            true,
         ),
         (
             "bench-bytes.svg",
-            "Upstream bytes per delivered message (link interface counters)",
+            "Upstream bytes per delivered message (link interface counters; log scale)",
             |f| f.up_bytes_per_msg,
-            false,
         ),
     ];
-    for (file, title, value, log) in plots {
+    for (file, title, value) in plots {
         let path = args.out.join(file);
-        if let Err(e) = report::plot(&path, title, &figures, value, log) {
+        if let Err(e) = report::plot(&path, title, &figures, value) {
             eprintln!("cannot write {}: {e}", path.display());
             return ExitCode::FAILURE;
         }

@@ -143,13 +143,12 @@ fn colour(j: usize) -> RGBColor {
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
-/// Grouped bars per link condition, one panel per workload.
+/// Grouped bars per link condition (log scale), one panel per workload.
 pub fn plot(
     path: &Path,
     title: &str,
     figures: &[Figures],
     value: fn(&Figures) -> f64,
-    log: bool,
 ) -> PlotResult {
     let root = SVGBackend::new(path, (1000, 430)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -178,84 +177,60 @@ pub fn plot(
         }
         let max = rows.iter().map(|f| value(f)).fold(1.0, f64::max);
         let n = links.len() as f64;
-        let names = links.clone();
+        // Short axis labels: "1 Mbit/s, 150 ms, 3 %" → "1M/150ms/3%".
+        let names: Vec<String> = links
+            .iter()
+            .map(|l| {
+                l.replace(" Mbit/s", "M")
+                    .replace(" kbit/s", "k")
+                    .replace(", ", "/")
+                    .replace(' ', "")
+            })
+            .collect();
         let label = move |x: &f64| {
             let i = x.floor() as usize;
             if (x - x.floor() - 0.5).abs() < 1e-6 && i < names.len() {
-                names[i].to_owned()
+                names[i].clone()
             } else {
                 String::new()
             }
         };
-        let bars =
-            |chart_draw: &mut dyn FnMut(usize, usize, &Figures) -> PlotResult| -> PlotResult {
-                for (i, link) in links.iter().enumerate() {
-                    for (j, system) in [System::Bridge, System::Relay].into_iter().enumerate() {
-                        if let Some(f) = rows.iter().find(|f| f.link == *link && f.system == system)
-                        {
-                            chart_draw(i, j, f)?;
-                        }
-                    }
-                }
-                Ok(())
-            };
-        let x = |i: usize, j: usize| {
-            (
-                i as f64 + 0.1 + 0.4 * j as f64,
-                i as f64 + 0.48 + 0.4 * j as f64,
-            )
-        };
         let caption = format!("{} workload", kind.name());
-        if log {
-            let mut chart = ChartBuilder::on(panel)
-                .caption(caption, ("sans-serif", 16))
-                .margin(12)
-                .x_label_area_size(30)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0f64..n, (1f64..max * 3.0).log_scale())?;
-            chart
-                .configure_mesh()
-                .disable_x_mesh()
-                .x_labels(links.len() * 2 + 1)
-                .x_label_formatter(&label)
-                .y_label_formatter(&|y| format!("{y:.0}"))
-                .draw()?;
-            bars(&mut |i, j, f| {
-                let (x0, x1) = x(i, j);
+        // Log scale: the ratios between the systems are what the plots are for.
+        let mut chart = ChartBuilder::on(panel)
+            .caption(caption, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..n, (1f64..max * 3.0).log_scale())?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(links.len() * 2 + 1)
+            .x_label_formatter(&label)
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()?;
+        for (i, link) in links.iter().enumerate() {
+            for (j, system) in [System::Bridge, System::Relay].into_iter().enumerate() {
+                let Some(f) = rows.iter().find(|f| f.link == *link && f.system == system) else {
+                    continue;
+                };
+                let (x0, x1) = (
+                    i as f64 + 0.1 + 0.4 * j as f64,
+                    i as f64 + 0.48 + 0.4 * j as f64,
+                );
                 let v = value(f).max(1.0);
                 chart.draw_series([Rectangle::new([(x0, 1.0), (x1, v)], colour(j).filled())])?;
                 chart.draw_series([Text::new(
-                    format!("{:.0}", value(f)),
+                    if value(f) < 100.0 {
+                        format!("{:.1}", value(f))
+                    } else {
+                        format!("{:.0}", value(f))
+                    },
                     (x0, v * 1.25),
                     ("sans-serif", 11),
                 )])?;
-                Ok(())
-            })?;
-        } else {
-            let mut chart = ChartBuilder::on(panel)
-                .caption(caption, ("sans-serif", 16))
-                .margin(12)
-                .x_label_area_size(30)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0f64..n, 0f64..max * 1.15)?;
-            chart
-                .configure_mesh()
-                .disable_x_mesh()
-                .x_labels(links.len() * 2 + 1)
-                .x_label_formatter(&label)
-                .y_label_formatter(&|y| format!("{y:.0}"))
-                .draw()?;
-            bars(&mut |i, j, f| {
-                let (x0, x1) = x(i, j);
-                let v = value(f);
-                chart.draw_series([Rectangle::new([(x0, 0.0), (x1, v)], colour(j).filled())])?;
-                chart.draw_series([Text::new(
-                    format!("{v:.1}"),
-                    (x0, v + max * 0.03),
-                    ("sans-serif", 11),
-                )])?;
-                Ok(())
-            })?;
+            }
         }
     }
     root.present()?;
