@@ -184,7 +184,8 @@ pub fn plot(
                 l.replace(" Mbit/s", "M")
                     .replace(" kbit/s", "k")
                     .replace(", ", "/")
-                    .replace(' ', "")
+                    .replace(" ms", "ms")
+                    .replace(" %", "%")
             })
             .collect();
         let label = move |x: &f64| {

@@ -189,7 +189,13 @@ mod tests {
             }
         }
         let mean = total as f64 / n as f64;
+        eprintln!("telemetry: mean payload {mean:.1} B");
         assert!((170.0..=210.0).contains(&mean), "mean payload {mean} B");
+        let mut s = Source::new(Kind::Logs, 1, 3);
+        let logs: usize = (0..1000)
+            .map(|i| s.payload(i, 1_796_659_668_123).len())
+            .sum();
+        eprintln!("logs: mean line {:.1} B", logs as f64 / 1000.0);
     }
 
     #[test]
