@@ -22,7 +22,7 @@ use linklab::{spec, Lab, Side};
 
 use crate::collector::{unix_ms, Arrival, Collector};
 use crate::edge::{Edge, System, EDGE_PORT};
-use crate::loadgen::{LoadGen, Track};
+use crate::loadgen::{LoadGen, Track, LOADGEN_THREAD};
 use crate::workload::Kind;
 
 /// A link condition and the load offered on it.
@@ -65,6 +65,8 @@ pub struct Figures {
     pub p99_ms: Option<u64>,
     pub cpu_per_100k: f64,
     pub peak_rss_mib: f64,
+    /// The load generator's CPU in the window, in cores (steady cases; 0 otherwise).
+    pub loadgen_cores: f64,
     pub outage: Option<OutageFigures>,
 }
 
@@ -194,6 +196,7 @@ pub fn steady(system: System, kind: Kind, link: &Link, t: Timing) -> Figures {
         gen.totals().generated,
         unix_ms(),
     );
+    let gen_cpu0 = crate::edge::own_threads_cpu_seconds(LOADGEN_THREAD);
     sleep_until(start + t.warm_up + t.window);
     let (cpu1, bytes1, gen1, to_ms) = (
         rig.edge.cpu_seconds(),
@@ -201,6 +204,7 @@ pub fn steady(system: System, kind: Kind, link: &Link, t: Timing) -> Figures {
         gen.totals().generated,
         unix_ms(),
     );
+    let gen_cpu = crate::edge::own_threads_cpu_seconds(LOADGEN_THREAD) - gen_cpu0;
     let arrivals = rig.collector.arrivals();
     let (first_all, _) = first_arrivals(&arrivals);
     // Goodput and bytes: messages whose first arrival fell in the window.
@@ -237,6 +241,9 @@ pub fn steady(system: System, kind: Kind, link: &Link, t: Timing) -> Figures {
         p99_ms: quantile(&lat, 0.99),
         cpu_per_100k: (cpu1 - cpu0) * 100_000.0 / window_msgs.max(1) as f64,
         peak_rss_mib: rig.edge.peak_rss_kib() as f64 / 1024.0,
+        // Both systems' cases may run at once: each generator's thread is named
+        // alike, so this is the sum of those running (an upper bound for one).
+        loadgen_cores: gen_cpu / secs,
         outage: None,
     }
 }
@@ -331,6 +338,7 @@ pub fn outage(system: System, kind: Kind, link: &Link, t: Timing) -> Figures {
         p99_ms: quantile(&lat, 0.99),
         cpu_per_100k: (cpu1 - cpu0) * 100_000.0 / generated.max(1) as f64,
         peak_rss_mib: rig.edge.peak_rss_kib() as f64 / 1024.0,
+        loadgen_cores: 0.0,
         outage: Some(OutageFigures {
             acked,
             lost,

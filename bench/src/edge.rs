@@ -299,7 +299,26 @@ fn find(name: &str) -> PathBuf {
 
 /// utime + stime of `pid`, in clock ticks (0 once it is gone).
 fn ticks(pid: u32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    stat_ticks(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds used so far by this process's threads named `name` (the load
+/// generator's runtime), to show it is not the bottleneck.
+pub fn own_threads_cpu_seconds(name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let ticks: u64 = tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .map(|t| stat_ticks(&t.path().join("stat").display().to_string()))
+        .sum();
+    ticks as f64 / clock_ticks()
+}
+
+/// utime + stime in a /proc/…/stat file.
+fn stat_ticks(path: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0;
     };
     // Fields after the command name, which may hold spaces: state is field 3.

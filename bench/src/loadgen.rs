@@ -24,6 +24,9 @@ use tokio::net::TcpStream;
 
 use crate::workload::{Kind, Source};
 
+/// The name of the generator's runtime thread (its CPU is reported).
+pub const LOADGEN_THREAD: &str = "loadgen";
+
 /// Unacknowledged publishes a client keeps on the wire.
 const WINDOW: usize = 32;
 const MAX_PACKET: usize = 1 << 20;
@@ -72,7 +75,7 @@ impl LoadGen {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
-            .thread_name("loadgen")
+            .thread_name(LOADGEN_THREAD)
             .build()
             .expect("load generator runtime");
         let interval = Duration::from_secs_f64(sources as f64 / rate.max(0.001));

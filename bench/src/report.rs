@@ -45,6 +45,20 @@ pub fn table(figures: &[Figures], grace_s: u64) -> String {
             f.peak_rss_mib
         );
     }
+    if let Some(f) = figures
+        .iter()
+        .max_by(|a, b| a.loadgen_cores.total_cmp(&b.loadgen_cores))
+        .filter(|f| f.loadgen_cores > 0.0)
+    {
+        let _ = writeln!(
+            s,
+            "\nLoad generator: at most {:.0} % of one core ({} / {}, {:.0} msg/s offered).",
+            f.loadgen_cores * 100.0,
+            f.kind.name(),
+            f.link,
+            f.offered
+        );
+    }
     let outages: Vec<_> = figures
         .iter()
         .filter_map(|f| f.outage.map(|o| (f, o)))
