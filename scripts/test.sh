@@ -28,8 +28,6 @@ status=0
 # lowest CPU priority so the agent, its fleet and the emulated link come first.
 nice -n 19 cargo test --workspace --no-run || status=$?
 [ "$status" -ne 0 ] || cargo test --workspace "$@" || status=$?
-# CI (.ci/run) starts its ARM jobs beside the slow test once the rest is done.
-[ -z "${EDGERELAY_SUITE_DONE:-}" ] || touch "$EDGERELAY_SUITE_DONE"
 slow_status=0
 wait "$slow" || slow_status=$?
 echo "== tests/outage_sync.rs (ran beside the suite)"
