@@ -17,10 +17,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use edgerelay_tests::LabCentral;
+use edgerelay_tests::{unix_ms, LabCentral};
 use linklab::{spec, Lab, Side};
 
-use crate::collector::{unix_ms, Arrival, Collector};
+use crate::collector::{Arrival, Collector};
 use crate::edge::{Edge, System, EDGE_PORT};
 use crate::loadgen::{LoadGen, Track, LOADGEN_THREAD};
 use crate::workload::Kind;
@@ -140,13 +140,12 @@ fn first_arrivals(arrivals: &[Arrival]) -> (HashMap<(usize, u64), u64>, u64) {
     let mut first = HashMap::with_capacity(arrivals.len());
     let mut dups = 0;
     for a in arrivals {
-        if first.insert((a.source, a.seq), a.at_ms).is_some() {
-            dups += 1;
+        match first.entry((a.source, a.seq)) {
+            std::collections::hash_map::Entry::Occupied(_) => dups += 1,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(a.at_ms);
+            }
         }
-    }
-    // `insert` kept the last time; arrivals are in order, so put back the first.
-    for a in arrivals.iter().rev() {
-        first.insert((a.source, a.seq), a.at_ms);
     }
     (first, dups)
 }
@@ -263,7 +262,6 @@ pub fn outage(system: System, kind: Kind, link: &Link, t: Timing) -> Figures {
     sleep_until(down + outage);
     rig.lab.outage(false);
     let back_ms = unix_ms();
-    let backlog_until = back_ms;
     sleep_until(Instant::now() + t.around_outage);
     gen.stop_generating();
     // Wait for everything acknowledged, or until arrivals stop for 15 s.
@@ -313,7 +311,7 @@ pub fn outage(system: System, kind: Kind, link: &Link, t: Timing) -> Figures {
                 }
             }
             if let Some(at) = got {
-                if sent < backlog_until && at >= back_ms {
+                if sent < back_ms && at >= back_ms {
                     backlog += 1;
                     drain_end = drain_end.max(at);
                 }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use edgerelay_tests::unix_ms;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use crate::workload::identify;
@@ -110,10 +111,4 @@ impl Drop for Collector {
             rt.shutdown_background();
         }
     }
-}
-
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

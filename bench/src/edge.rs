@@ -12,7 +12,7 @@
 //! broker's or the agent's own.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -104,7 +104,7 @@ pub struct Edge {
     child: Option<Child>,
     log: Arc<Lines>,
     /// Central side of the relay: unpack republishing under `out/`.
-    _unpack: Option<Unpack>,
+    unpack: Option<Unpack>,
     /// CPU ticks of processes that were killed (restarts keep the total).
     ticks_before: u64,
     hwm_before: u64,
@@ -148,7 +148,7 @@ impl Edge {
             dir,
             child: None,
             log: Arc::default(),
-            _unpack: unpack,
+            unpack,
             ticks_before: 0,
             hwm_before: 0,
         };
@@ -161,7 +161,7 @@ impl Edge {
         cmd.arg(format!("--net=/run/netns/{}", self.netns));
         match self.system {
             System::Bridge => {
-                cmd.arg(find("mosquitto"))
+                cmd.arg(edgerelay_tests::require_binary("mosquitto", "mosquitto"))
                     .arg("-c")
                     .arg(self.dir.path().join("mosquitto.conf"));
             }
@@ -221,7 +221,7 @@ impl Edge {
     /// The edge's log and, for edgerelay, unpack's: what to read when a figure is off.
     pub fn diagnostics(&self) -> String {
         let edge = self.log.lines.lock().expect("log lock").join("\n");
-        let unpack = self._unpack.as_ref().map(Unpack::logs).unwrap_or_default();
+        let unpack = self.unpack.as_ref().map(Unpack::logs).unwrap_or_default();
         format!(
             "--- {} log:\n{edge}\n--- unpack log:\n{unpack}",
             self.system.name()
@@ -287,16 +287,6 @@ topics = ["#"]
     )
 }
 
-fn find(name: &str) -> PathBuf {
-    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| {
-            panic!("`{name}` is not installed: the benchmark needs the Debian package mosquitto (scripts/deps.sh installs it)")
-        })
-}
-
 /// utime + stime of `pid`, in clock ticks (0 once it is gone).
 fn ticks(pid: u32) -> u64 {
     stat_ticks(&format!("/proc/{pid}/stat"))
@@ -342,11 +332,15 @@ fn hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Clock ticks per second (USER_HZ), asked once.
 fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }

@@ -22,6 +22,8 @@ use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use edgerelay_tests::unix_ms;
+
 use crate::workload::{Kind, Source};
 
 /// The name of the generator's runtime thread (its CPU is reported).
@@ -124,12 +126,6 @@ impl Drop for LoadGen {
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// One device: generate on the tick, publish within the window, reconnect forever.
 async fn client(
     kind: Kind,
@@ -141,7 +137,7 @@ async fn client(
 ) {
     let mut source = Source::new(kind, seed, index);
     let topic = kind.topic(index);
-    let mut queue: VecDeque<Publish> = VecDeque::new();
+    let mut queue: VecDeque<(u64, Publish)> = VecDeque::new();
     let mut inflight: HashMap<u16, (u64, Publish)> = HashMap::new();
     let mut next_seq = 0u64;
     let mut next_pkid = 1u16;
@@ -176,13 +172,12 @@ async fn client(
         let result: std::io::Result<()> = async {
             loop {
                 while inflight.len() < WINDOW {
-                    let Some(mut p) = queue.pop_front() else { break };
+                    let Some((seq, mut p)) = queue.pop_front() else { break };
                     while inflight.contains_key(&next_pkid) {
                         next_pkid = next_pkid.checked_add(1).unwrap_or(1);
                     }
                     p.pkid = next_pkid;
                     next_pkid = next_pkid.checked_add(1).unwrap_or(1);
-                    let seq = seq_of(&p);
                     p.write(&mut session.outbuf).map_err(std::io::Error::other)?;
                     inflight.insert(p.pkid, (seq, p));
                 }
@@ -220,16 +215,11 @@ async fn client(
     }
 }
 
-/// The sequence number the generator wrote into `p` (the same parser the collector uses).
-fn seq_of(p: &Publish) -> u64 {
-    crate::workload::identify(&p.topic, &p.payload).map_or(0, |(_, seq)| seq)
-}
-
 fn generate(
     source: &mut Source,
     topic: &str,
     next_seq: &mut u64,
-    queue: &mut VecDeque<Publish>,
+    queue: &mut VecDeque<(u64, Publish)>,
     shared: &Shared,
     index: usize,
 ) {
@@ -239,10 +229,9 @@ fn generate(
     let now = unix_ms();
     let seq = *next_seq;
     *next_seq += 1;
-    queue.push_back(Publish::new(
-        topic,
-        QoS::AtLeastOnce,
-        source.payload(seq, now),
+    queue.push_back((
+        seq,
+        Publish::new(topic, QoS::AtLeastOnce, source.payload(seq, now)),
     ));
     let mut t = shared.tracks[index].lock().expect("track lock");
     t.sent_at.push(now);

@@ -55,7 +55,7 @@ pub fn wait_for_port(addr: SocketAddr, timeout: Duration) {
     });
 }
 
-fn require_binary(name: &str, package: &str) -> PathBuf {
+pub fn require_binary(name: &str, package: &str) -> PathBuf {
     for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
         let p = Path::new(dir).join(name);
         if p.exists() {
