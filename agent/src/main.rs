@@ -566,10 +566,10 @@ async fn reload_on_hangup(
 }
 
 fn run(config: Config, path: PathBuf, filter: FilterHandle) -> anyhow::Result<()> {
-    // Small gateways: two workers are plenty for I/O-bound relaying, and bound the
-    // blocking pool (store reads) so memory stays predictable.
+    // `[agent] worker_threads` (default one: the least CPU per message); the blocking
+    // pool (store reads) is bounded so memory stays predictable.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(config.agent.worker_threads.get())
         .max_blocking_threads(8)
         .enable_all()
         .build()

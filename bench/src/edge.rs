@@ -20,12 +20,27 @@ use std::time::{Duration, Instant};
 use edgerelay_tests::{LabCentral, Unpack};
 use linklab::{Lab, Side};
 
-/// TOML appended to edgerelay's config (`--relay-toml`, for what-if runs; empty in
-/// the recorded figures).
-static RELAY_EXTRA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// Keys laid over edgerelay's config (`--relay-toml`, for what-if runs; empty in the
+/// recorded figures).
+static RELAY_EXTRA: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
 
-pub fn set_relay_extra(toml: String) {
-    let _ = RELAY_EXTRA.set(toml);
+/// Sets the what-if keys: any section, including ones the base config already has.
+pub fn set_relay_extra(extra: &str) -> Result<(), toml::de::Error> {
+    let table: toml::Table = extra.parse()?;
+    let _ = RELAY_EXTRA.set(table);
+    Ok(())
+}
+
+/// `extra`'s keys over `base`'s, table by table.
+fn overlay(base: &mut toml::Table, extra: &toml::Table) {
+    for (k, v) in extra {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(e)) => overlay(b, e),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
 }
 
 /// The edge's local MQTT port, inside the gateway namespace.
@@ -265,7 +280,7 @@ impl Drop for Edge {
 
 /// edgerelay's config: its defaults, as the local MQTT broker of the devices.
 fn relay_config(data_dir: &Path, central_url: &str) -> String {
-    format!(
+    let base = format!(
         r##"[agent]
 gateway_id = "gw-1"
 data_dir = "{}"
@@ -279,12 +294,20 @@ reconnect_max = "10s"
 [local_mqtt]
 listen = "127.0.0.1:{EDGE_PORT}"
 topics = ["#"]
-
-{}
 "##,
         data_dir.display(),
-        RELAY_EXTRA.get().map_or("", String::as_str)
-    )
+    );
+    let Some(extra) = RELAY_EXTRA.get() else {
+        return base;
+    };
+    match base.parse::<toml::Table>() {
+        Ok(mut table) => {
+            overlay(&mut table, extra);
+            table.to_string()
+        }
+        // The base is ours and always parses; were it not to, run it as it is.
+        Err(_) => base,
+    }
 }
 
 /// utime + stime of `pid`, in clock ticks (0 once it is gone).

@@ -165,7 +165,10 @@ fn main() -> ExitCode {
         std::env::set_var("EDGERELAY_BIN", bin);
     }
     if let Some(extra) = &args.relay_toml {
-        edge::set_relay_extra(extra.replace("\\n", "\n"));
+        if let Err(e) = edge::set_relay_extra(&extra.replace("\\n", "\n")) {
+            eprintln!("--relay-toml: {e}");
+            return ExitCode::from(2);
+        }
     }
     let t = timing(args.quick);
     let kinds: Vec<Kind> = if args.quick {

@@ -163,6 +163,8 @@ pub struct LocalBrokerConfig {
 pub struct AgentConfig {
     pub gateway_id: String,
     pub data_dir: PathBuf,
+    /// Async runtime threads (the store writer and the compressor have their own).
+    pub worker_threads: NonZeroUsize,
 }
 
 #[derive(Debug, Clone)]

@@ -21,6 +21,7 @@ pub enum SizeValue {
 pub struct RawAgent {
     pub gateway_id: Field<String>,
     pub data_dir: Field<String>,
+    pub worker_threads: Field<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

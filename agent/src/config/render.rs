@@ -36,6 +36,10 @@ pub fn render(c: &Config) -> String {
     let mut agent = Table::new();
     agent.insert("gateway_id".into(), s(&c.agent.gateway_id));
     agent.insert("data_dir".into(), s(c.agent.data_dir.display().to_string()));
+    agent.insert(
+        "worker_threads".into(),
+        Value::Integer(c.agent.worker_threads.get() as i64),
+    );
     root.insert("agent".into(), Value::Table(agent));
 
     let b = &c.buffer;

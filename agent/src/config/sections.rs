@@ -12,7 +12,7 @@ use super::raw::{
 };
 use super::validate::{resolve, Ctx};
 use super::*;
-use crate::store::MIN_MAX_SIZE;
+use crate::store::{DEFAULT_COMMIT_LINGER, MIN_MAX_SIZE};
 
 pub(super) fn validate_agent(
     ctx: &mut Ctx<'_>,
@@ -50,9 +50,13 @@ pub(super) fn validate_agent(
         .map_or(PathBuf::from("/var/lib/edgerelay"), |s| {
             resolve(Path::new(s.get_ref()), path)
         });
+    // One event loop costs least per message at a gateway's rates (no wake-ups
+    // between workers); more only help when ingest saturates a core.
+    let worker_threads = ctx.int("agent.worker_threads", &raw.worker_threads, 1, 1, 64);
     Some(AgentConfig {
         gateway_id: gateway_id.unwrap_or_default(),
         data_dir,
+        worker_threads: NonZeroUsize::new(worker_threads as usize).unwrap_or(NonZeroUsize::MIN),
     })
 }
 
@@ -91,7 +95,7 @@ pub(super) fn validate_buffer(ctx: &mut Ctx<'_>, raw: RawBuffer) -> BufferConfig
     let commit_linger = ctx.duration(
         "buffer.commit_linger",
         &raw.commit_linger,
-        Duration::ZERO,
+        DEFAULT_COMMIT_LINGER,
         Duration::ZERO,
         Duration::from_secs(1),
     );

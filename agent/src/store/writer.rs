@@ -24,8 +24,10 @@ use super::{AppendError, Refused, Request, StoreError, StoreOptions, StoreStats,
 
 mod dead;
 mod evict;
+mod linger;
 mod reply;
 
+use linger::Linger;
 use reply::{refuse_while_broken, Reply};
 
 /// At most this many records are evicted by age in one transaction, so a huge expired
@@ -50,6 +52,7 @@ pub struct Writer {
     signals: Signals,
     scratch: Vec<u8>,
     latest: Arc<std::sync::Mutex<LatestIndex>>,
+    linger: Linger,
 }
 
 /// What one transaction changed, to decide which signals to raise.
@@ -74,6 +77,7 @@ impl Writer {
         latest: Arc<std::sync::Mutex<LatestIndex>>,
         signals: Signals,
     ) -> Self {
+        let opts_linger = opts.commit_linger;
         Self {
             db,
             broken: false,
@@ -84,6 +88,7 @@ impl Writer {
             signals,
             scratch: Vec::with_capacity(1024),
             latest,
+            linger: Linger::new(opts_linger),
         }
     }
 
@@ -120,32 +125,47 @@ impl Writer {
                 }
                 r => batch.push(r),
             }
-            let linger_until = Instant::now() + self.opts.commit_linger;
-            while batch.len() < self.opts.commit_max_records {
-                let next = match self.rx.try_recv() {
-                    Some(r) => Some(r),
-                    None if shutting_down || self.opts.commit_linger.is_zero() => None,
-                    None => match self.rx.recv_until(linger_until) {
-                        Recv::Got(r) => Some(r),
-                        Recv::Timeout | Recv::Closed => None,
-                    },
-                };
-                match next {
-                    Some(Request::Shutdown) => shutting_down = true,
-                    Some(Request::Maintain { reply }) => {
-                        age_now = true;
-                        batch.push(Request::Maintain { reply });
+            let started = Instant::now();
+            let full = self.opts.commit_max_records;
+            self.gather(&mut batch, &mut shutting_down, &mut age_now);
+            if !shutting_down && self.linger.start(batch.len(), full) {
+                let mut sleep = linger::POLL.min(self.opts.commit_linger);
+                loop {
+                    std::thread::sleep(sleep);
+                    let before = batch.len();
+                    self.gather(&mut batch, &mut shutting_down, &mut age_now);
+                    match self
+                        .linger
+                        .next(started.elapsed(), before, batch.len(), full)
+                    {
+                        _ if shutting_down => break,
+                        linger::Next::Commit => break,
+                        linger::Next::Sleep(d) => sleep = d,
                     }
-                    Some(r) => batch.push(r),
-                    None => break,
                 }
             }
+            self.linger.committed(batch.len());
             if matches!(batch.first(), Some(Request::Maintain { .. })) {
                 age_now = true;
             }
             self.commit(batch, age_now);
         }
         tracing::debug!("store writer stopped");
+    }
+
+    /// Takes what is queued now, without waiting, until the group is full.
+    fn gather(&mut self, batch: &mut Vec<Request>, shutting_down: &mut bool, age_now: &mut bool) {
+        while batch.len() < self.opts.commit_max_records {
+            match self.rx.try_recv() {
+                Some(Request::Shutdown) => *shutting_down = true,
+                Some(Request::Maintain { reply }) => {
+                    *age_now = true;
+                    batch.push(Request::Maintain { reply });
+                }
+                Some(r) => batch.push(r),
+                None => break,
+            }
+        }
     }
 
     /// Test builds only: while the file named by EDGERELAY_TEST_HOLD_COMMITS exists,
