@@ -1,8 +1,9 @@
 //! The writer thread: the only place that opens redb write transactions.
 //!
 //! It takes requests from a bounded channel and commits them in groups (up to
-//! `commit_max_records` requests, or `commit_linger` after the first, whichever comes
-//! first) in one fsynced transaction; only after the commit succeeds are the replies sent.
+//! `commit_max_records` requests; while several producers are active it waits up to
+//! `commit_linger` for more, see linger.rs) in one fsynced transaction; only after the
+//! commit succeeds are the replies sent.
 //! Working state (per-stream counters) is copied per transaction and replaced only on a
 //! successful commit, so a failed commit (e.g. ENOSPC) leaves memory and disk agreeing.
 
@@ -77,7 +78,7 @@ impl Writer {
         latest: Arc<std::sync::Mutex<LatestIndex>>,
         signals: Signals,
     ) -> Self {
-        let opts_linger = opts.commit_linger;
+        let max_linger = opts.commit_linger;
         Self {
             db,
             broken: false,
@@ -88,7 +89,7 @@ impl Writer {
             signals,
             scratch: Vec::with_capacity(1024),
             latest,
-            linger: Linger::new(opts_linger),
+            linger: Linger::new(max_linger),
         }
     }
 
