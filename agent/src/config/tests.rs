@@ -50,6 +50,8 @@ fn defaults_fill_in() {
     assert_eq!(c.upstream.mode, UpstreamMode::Batch);
     assert_eq!(c.compression.dictionary, DictionarySetting::Auto);
     assert!(c.sockets.is_empty());
+    assert_eq!(c.agent.worker_threads.get(), 1);
+    assert_eq!(c.buffer.commit_linger, Duration::from_millis(20));
 }
 
 #[test]
@@ -190,6 +192,7 @@ fn several_bad_values_in_one_section_are_all_reported() {
     let text = r#"
 [agent]
 gateway_id = "gw 1"
+worker_threads = 0
 [buffer]
 max_size = "1KiB"
 max_age = "soon"
@@ -207,6 +210,7 @@ reconnect_max = "1s"
     let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
     for k in [
         "agent.gateway_id",
+        "agent.worker_threads",
         "buffer.max_size",
         "buffer.max_age",
         "buffer.when_full",

@@ -78,7 +78,7 @@ impl Writer {
         latest: Arc<std::sync::Mutex<LatestIndex>>,
         signals: Signals,
     ) -> Self {
-        let max_linger = opts.commit_linger;
+        let linger = Linger::new(opts.commit_linger);
         Self {
             db,
             broken: false,
@@ -89,7 +89,7 @@ impl Writer {
             signals,
             scratch: Vec::with_capacity(1024),
             latest,
-            linger: Linger::new(max_linger),
+            linger,
         }
     }
 
@@ -118,7 +118,6 @@ impl Writer {
                 }
             };
             let mut batch = Vec::with_capacity(64);
-            let mut age_now = false;
             match first {
                 Request::Shutdown => {
                     shutting_down = true;
@@ -128,13 +127,13 @@ impl Writer {
             }
             let started = Instant::now();
             let full = self.opts.commit_max_records;
-            self.gather(&mut batch, &mut shutting_down, &mut age_now);
+            self.gather(&mut batch, &mut shutting_down);
             if !shutting_down && self.linger.start(batch.len(), full) {
-                let mut sleep = linger::POLL.min(self.opts.commit_linger);
+                let mut sleep = self.linger.first_sleep();
                 loop {
                     std::thread::sleep(sleep);
                     let before = batch.len();
-                    self.gather(&mut batch, &mut shutting_down, &mut age_now);
+                    self.gather(&mut batch, &mut shutting_down);
                     match self
                         .linger
                         .next(started.elapsed(), before, batch.len(), full)
@@ -146,23 +145,17 @@ impl Writer {
                 }
             }
             self.linger.committed(batch.len());
-            if matches!(batch.first(), Some(Request::Maintain { .. })) {
-                age_now = true;
-            }
+            let age_now = batch.iter().any(|r| matches!(r, Request::Maintain { .. }));
             self.commit(batch, age_now);
         }
         tracing::debug!("store writer stopped");
     }
 
     /// Takes what is queued now, without waiting, until the group is full.
-    fn gather(&mut self, batch: &mut Vec<Request>, shutting_down: &mut bool, age_now: &mut bool) {
+    fn gather(&mut self, batch: &mut Vec<Request>, shutting_down: &mut bool) {
         while batch.len() < self.opts.commit_max_records {
             match self.rx.try_recv() {
                 Some(Request::Shutdown) => *shutting_down = true,
-                Some(Request::Maintain { reply }) => {
-                    *age_now = true;
-                    batch.push(Request::Maintain { reply });
-                }
                 Some(r) => batch.push(r),
                 None => break,
             }

@@ -51,6 +51,11 @@ impl Linger {
         !self.max.is_zero() && gathered < full && (gathered > 1 || self.last_group > 1)
     }
 
+    /// How long to sleep before the first poll.
+    pub fn first_sleep(&self) -> Duration {
+        POLL.min(self.max)
+    }
+
     /// After a poll: `waited` since the first request, `before`/`after` the group's
     /// size before and after the poll drained the queue.
     pub fn next(&self, waited: Duration, before: usize, after: usize, full: usize) -> Next {
@@ -115,6 +120,8 @@ mod tests {
 
     #[test]
     fn the_last_sleep_is_cut_to_the_deadline() {
+        assert_eq!(Linger::new(MS(1)).first_sleep(), MS(1));
+        assert_eq!(Linger::new(MS(20)).first_sleep(), POLL);
         let l = Linger::new(MS(5));
         assert_eq!(l.next(MS(4), 1, 2, 512), Next::Sleep(MS(1)));
         assert_eq!(l.next(MS(5), 1, 2, 512), Next::Commit);
